@@ -1,0 +1,2020 @@
+#!/usr/bin/env python3
+"""vision-bench: benchmark eight vision models one after another and dissect every layer.
+
+Per model: load time, cold and warm forward latency (preprocessing and postprocessing
+timed beside it), FPS, host and CUDA memory, parameters, and a dissection of every leaf
+module's output (PNG + NPY + layers_metadata.json). Reports: JSON, CSV and Markdown
+under results/, pictures under viz/<timestamp>/<ClassName>/.
+
+    python unified_benchmark.py                         # all eight models, pretrained weights
+    python unified_benchmark.py --weights random --models yolo11n-detect,mobilesam
+    python unified_benchmark.py --help
+
+Importing this module has no side effects; main(argv) returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import ctypes
+import errno
+import fcntl
+import gc
+import importlib
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import queue
+import random
+import re
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps
+
+# --------------------------------------------------------------------------------------
+# Constants and logging
+# --------------------------------------------------------------------------------------
+
+NUM_INFERENCE_RUNS = 5           # Number of inference runs per image
+RANDOM_SEED = 42                 # For reproducibility
+CLEANUP_SLEEP_SEC = 2            # Sleep duration between models for GPU cleanup
+TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"  # Folder/file naming format
+
+SCRIPT_DIR = Path(__file__).resolve().parent
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+PNG_CHANNELS = 16                # channels drawn in a layer's PNG grid
+PNG_GRID_COLUMNS = 4
+NPY_CHANNELS = 8                 # channels kept in a layer's NPY array
+MAX_LEADING_TOKENS = 8           # class + register tokens dropped before a token grid
+OVERVIEW_TILE_PX = 64
+DISSECT_MIN_FREE_MB = 256        # dissection stops cleanly below this much free disk
+NETWORK_CHECK_TIMEOUT_SEC = 4.0
+REDUCED_CONFIG_ENV = "VISION_BENCH_REDUCED_CONFIG"  # "1": small test configs (random weights only)
+LOCK_FILE_NAME = ".vision-bench.lock"
+HF_HOST, ASSETS_HOST = "huggingface.co", "github.com"
+
+EXIT_OK, EXIT_MODEL_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+def log(message: str, level: str = "INFO") -> None:
+    """Print one progress line in the spec's format: '[LEVEL] message', plain ASCII."""
+    text = f"[{level}] {message}" if level else message
+    print(text.encode("ascii", "replace").decode("ascii"), flush=True)
+
+
+def banner(title: str) -> None:
+    log("=" * 80, "")
+    log(title, "")
+    log("=" * 80, "")
+
+
+class BenchError(Exception):
+    """An error the user can act on; carries the process exit code."""
+
+    exit_code = EXIT_MODEL_FAILED
+
+
+class UsageError(BenchError):
+    exit_code = EXIT_USAGE
+
+
+class OutputError(BenchError):
+    """Output folder not writable, disk full: exit 1 with the path and the error."""
+
+
+class LockedError(BenchError):
+    exit_code = EXIT_LOCKED
+
+
+class WeightFileError(BenchError):
+    """A weight file exists but cannot be loaded (truncated, not a checkpoint)."""
+
+
+class ModelUnavailable(BenchError):
+    """A model's implementation or weights can't be had (the spec's DA-V2 skip)."""
+
+
+class RunInterrupted(BaseException):
+    """Raised from the SIGTERM handler; BaseException so model code can't swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# --------------------------------------------------------------------------------------
+# Utilities
+# --------------------------------------------------------------------------------------
+
+
+def format_bytes(num_bytes: float | None) -> str:
+    """Human-readable size: '512 MB', '1.25 GB'."""
+    if num_bytes is None:
+        return "n/a"
+    if abs(num_bytes) >= 1024**3:
+        return f"{num_bytes / 1024**3:.2f} GB"
+    return f"{num_bytes / 1024**2:.0f} MB"
+
+
+def get_timestamp() -> str:
+    return datetime.now().strftime(TIMESTAMP_FORMAT)
+
+
+def sanitize_layer_name(name: str) -> str:
+    """A module's qualified name as a safe file name (kept from the spec; files use indices)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "root"
+
+
+def set_seed(seed: int = RANDOM_SEED) -> None:
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def to_mb(num_bytes: float | None) -> float | None:
+    return None if num_bytes is None else num_bytes / 1024**2
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN/Inf: such statistics are written as null."""
+    return value if math.isfinite(value) else None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a whole file or nothing: temporary file in the same folder, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="ascii", errors="replace", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(f"could not write {path}: {e.strerror or e}") from e
+
+
+def host_reachable(hosts: list[str], timeout_sec: float = NETWORK_CHECK_TIMEOUT_SEC) -> dict[str, bool]:
+    """TCP-connect to each host on port 443 in parallel; a hung DNS look-up counts as no."""
+    answers: dict[str, bool] = {}
+
+    def probe(host: str) -> None:
+        try:
+            with socket.create_connection((host, 443), timeout=timeout_sec):
+                answers[host] = True
+        except OSError:
+            answers[host] = False
+
+    threads = [threading.Thread(target=probe, args=(h,), daemon=True) for h in hosts]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_sec
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return {h: answers.get(h, False) for h in hosts}
+
+
+def network_allowed() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False")
+
+
+# -- images ----------------------------------------------------------------------------
+
+
+def decode_image(path: Path) -> Image.Image:
+    """Decode every pixel (verify() misses truncation) and return an upright RGB image.
+
+    Raises ValueError with the reason for files that are not usable images.
+    """
+    with warnings.catch_warnings():
+        # Pillow only warns between 1x and 2x its pixel limit: treat both as a bomb.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"over Pillow's decompression-bomb limit ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            reason = "empty file" if path.stat().st_size == 0 else str(e) or type(e).__name__
+            raise ValueError(reason) from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, palette, RGBA, CMYK and 16-bit images as 8-bit RGB."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        wide = img.mode.startswith("I;16") or arr.max(initial=0) > 255
+        arr = arr / 257.0 if wide else arr
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("P", "PA", "LA"):
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def find_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def discover_images(folder: Path | None) -> tuple[list[Path], str]:
+    """Validated image paths and a note on where they came from.
+
+    folder None means the default test_data/, which falls back to Ultralytics' sample
+    photos when it holds no image. Raises UsageError when no valid image is left.
+    """
+    explicit = folder is not None
+    folder = folder if explicit else SCRIPT_DIR / "test_data"
+    candidates = find_images(folder)
+    source = f"{folder}"
+    if not candidates and not explicit:
+        from ultralytics.utils import ASSETS  # the two photos that ship with Ultralytics
+
+        log(f"No image in {folder}: using the sample photos that ship with Ultralytics ({ASSETS})", "WARNING")
+        folder, source = Path(ASSETS), f"Ultralytics sample photos ({ASSETS})"
+        candidates = find_images(folder)
+    if not folder.is_dir():
+        raise UsageError(f"image folder {folder} does not exist: pass --images DIR with .jpg, .jpeg or .png files")
+    valid = []
+    for path in candidates:
+        try:
+            decode_image(path)
+            valid.append(path)
+        except ValueError as e:
+            log(f"Skipping invalid image {path}: {e}", "WARNING")
+    if not valid:
+        what = "holds no .jpg, .jpeg or .png file" if not candidates else "holds no valid image"
+        raise UsageError(f"image folder {folder} {what}: add images or pass --images DIR")
+    log(f"Found {len(valid)} valid test images in {folder}")
+    return valid, source
+
+
+# --------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: torch.device) -> float:
+    """perf_counter after the device has finished its queued work."""
+    sync(device)
+    return time.perf_counter()
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def reset_rss_peak() -> bool:
+    """Reset the kernel's high-water mark (VmHWM) of this process; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_peak_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def release_host_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def get_memory_usage(device: torch.device) -> dict[str, float | None]:
+    """One memory checkpoint: process RSS, and on CUDA the allocator's allocated/reserved."""
+    snap: dict[str, float | None] = {"rss_mb": to_mb(rss_bytes()), "cuda_allocated_mb": None, "cuda_reserved_mb": None}
+    if device.type == "cuda":
+        snap["cuda_allocated_mb"] = to_mb(torch.cuda.memory_allocated(device))
+        snap["cuda_reserved_mb"] = to_mb(torch.cuda.memory_reserved(device))
+    return snap
+
+
+def headline_mb(snap: dict[str, float | None], device: torch.device) -> float | None:
+    """The figure the spec's mem_* fields hold: CUDA allocated on a GPU, process RSS on the CPU."""
+    return snap["cuda_allocated_mb"] if device.type == "cuda" else snap["rss_mb"]
+
+
+class PeakMemory:
+    """Peak memory over one span: CUDA max_memory_allocated and the process VmHWM."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rss_peak_mb: float | None = None
+        self.cuda_peak_mb: float | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._hwm_reset = reset_rss_peak()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.cuda_peak_mb = to_mb(torch.cuda.max_memory_allocated(self.device))
+        # Without a reset (non-Linux) VmHWM is the lifetime peak, still an upper bound.
+        self.rss_peak_mb = to_mb(rss_peak_bytes() or rss_bytes())
+
+    @property
+    def headline_mb(self) -> float | None:
+        return self.cuda_peak_mb if self.device.type == "cuda" else self.rss_peak_mb
+
+
+def latency_stats(times_sec: list[float]) -> dict[str, float | None]:
+    """The spec's avg/std/min/max/FPS, plus the cold (first) run and warm percentiles."""
+    arr = np.asarray(times_sec, dtype=np.float64)
+    avg = float(arr.mean())
+    std = float(arr.std())
+    warm = arr[1:]
+    pct = (lambda q: float(np.percentile(warm, q))) if warm.size else (lambda q: None)
+    fps = 1.0 / avg if avg > 0 else 0.0
+    return {
+        "avg_inference_sec": avg,
+        "std_inference_sec": std,
+        "min_inference_sec": float(arr.min()),
+        "max_inference_sec": float(arr.max()),
+        "fps_avg": fps,
+        "fps_std": fps * (std / avg) if avg > 0 else 0.0,
+        "cold_inference_sec": float(arr[0]),
+        "warm_median_sec": pct(50),
+        "warm_p90_sec": pct(90),
+        "warm_p99_sec": pct(99),
+    }
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+# --------------------------------------------------------------------------------------
+# Layer dissection
+# --------------------------------------------------------------------------------------
+
+
+def first_tensor(output: Any) -> tuple[torch.Tensor | None, str]:
+    """The first tensor in a hook's output (the spec) and the container kind it came in."""
+    if isinstance(output, torch.Tensor):
+        return output, "tensor"
+    kind = type(output).__name__ if isinstance(output, dict) and type(output) is not dict else None
+    if isinstance(output, dict):
+        items = list(output.values())
+        kind = kind or "dict"
+    elif isinstance(output, (tuple, list)):
+        items, kind = list(output), type(output).__name__
+    else:
+        return None, type(output).__name__
+    for item in items:
+        tensor, _ = first_tensor(item)
+        if tensor is not None:
+            return tensor, kind
+    return None, kind
+
+
+def as_feature_map(tensor: torch.Tensor, grids: list[tuple[int, int]]) -> tuple[torch.Tensor | None, dict | None]:
+    """A (B, C, H, W) view of a layer output, or None when it has no spatial layout.
+
+    Vision-transformer tokens (B, N, C) whose last h*w tokens form a known patch grid
+    (after up to MAX_LEADING_TOKENS class/register tokens) become (B, C, h, w).
+    """
+    if tensor.dim() == 4:
+        return tensor, None
+    if tensor.dim() != 3:
+        return None, None
+    batch, tokens, channels = tensor.shape
+    for h, w in grids:
+        lead = tokens - h * w
+        if h * w > 1 and 0 <= lead <= MAX_LEADING_TOKENS:
+            fmap = tensor[:, lead:, :].transpose(1, 2).reshape(batch, channels, h, w)
+            return fmap, {"tokens": tokens, "leading_tokens_dropped": lead, "grid": [h, w]}
+    return None, None
+
+
+def feature_grid(chw: np.ndarray, columns: int = PNG_GRID_COLUMNS) -> np.ndarray:
+    """Up to 16 channels as one grayscale uint8 grid, each channel min-max normalised alone."""
+    count = min(PNG_CHANNELS, chw.shape[0])
+    cols = min(columns, count)
+    rows = math.ceil(count / cols)
+    height, width = chw.shape[1:]
+    grid = np.zeros((rows * height, cols * width), dtype=np.uint8)
+    for i in range(count):  # one channel at a time keeps temporaries small
+        ch = np.nan_to_num(chw[i].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(ch.min()), float(ch.max())
+        scaled = (ch - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(ch)
+        r, c = divmod(i, cols)
+        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = (scaled + 0.5).astype(np.uint8)
+    return grid
+
+
+def save_feature_map_png(tensor: torch.Tensor | np.ndarray, path: Path) -> int:
+    """Save the first 16 channels of batch item 0 as a PNG grid; returns bytes written."""
+    arr = tensor.numpy() if isinstance(tensor, torch.Tensor) else tensor
+    # compress_level=1: several times faster than the default at a modest size cost.
+    Image.fromarray(feature_grid(arr[0])).save(path, compress_level=1)
+    return path.stat().st_size
+
+
+def save_feature_map_npy(tensor: torch.Tensor | np.ndarray, path: Path) -> int:
+    """Save the first 8 channels (all batch items) as NPY; returns bytes written."""
+    if isinstance(tensor, torch.Tensor):
+        tensor = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+    np.save(path, np.ascontiguousarray(tensor[:, :NPY_CHANNELS]))
+    return path.stat().st_size
+
+
+class FileWriter:
+    """Writes layer files on one background thread so encoding overlaps the forward pass.
+
+    The queue holds one job: with the job being written, at most two captured tensors
+    (clones, NOTES.md 8) are alive at once.
+    """
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.bytes_written = 0
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._work, name="vision-bench-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self.error is None:
+                start = time.perf_counter()
+                try:
+                    self.bytes_written += job()
+                except BaseException as e:  # reported to the forward thread on its next submit
+                    self.error = e
+                self.seconds += time.perf_counter() - start
+
+    def submit(self, job: Callable[[], int]) -> None:
+        self.raise_error()
+        self._queue.put(job)
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise OutputError(f"writing layer files failed: {self.error}") from self.error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+@dataclass
+class LayerRecord:
+    index: int
+    name: str
+    type: str
+    call: int
+    container: str
+    shape: list[int] | None = None
+    dtype: str | None = None
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+    std: float | None = None
+    sparsity: float | None = None
+    reshaped_from_tokens: dict | None = None
+    files: list[str] = field(default_factory=list)
+    note: str | None = None
+
+
+class LayerDissector:
+    """Captures the output of every call of every leaf module of a model.
+
+    single-pass: hooks on all leaves, one forward. per-layer: the spec's algorithm, one
+    forward per leaf module (after a tracing forward that fixes the execution order, so
+    both modes number and write identical files).
+    """
+
+    MODES = ("single-pass", "per-layer")
+
+    def __init__(self, model: torch.nn.Module, out_dir: Path, token_grids: list[tuple[int, int]], verbose: bool = True):
+        self.leaves = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
+        self.out_dir = out_dir
+        self.token_grids = token_grids
+        self.verbose = verbose
+        self.records: list[LayerRecord] = []
+        self.tiles: dict[int, np.ndarray] = {}
+        self.stats_sec = 0.0
+        self.forward_sec = 0.0
+        self._pad = max(3, len(str(len(self.leaves))))
+        self._writer: FileWriter | None = None
+
+    # -- capture --------------------------------------------------------------------
+
+    def _hook_for(self, name: str, index_of: Callable[[str, int], int]):
+        calls = 0
+
+        def hook(module, inputs, output):
+            nonlocal calls
+            calls += 1
+            self._capture(index_of(name, calls), name, module, calls, output)
+
+        return hook
+
+    def _capture(self, index: int, name: str, module: torch.nn.Module, call: int, output: Any) -> None:
+        start = time.perf_counter()
+        tensor, container = first_tensor(output)
+        record = LayerRecord(index=index, name=name, type=type(module).__name__, call=call, container=container)
+        self.records.append(record)
+        if tensor is None:
+            record.note = "no tensor in output"
+            return
+        record.shape, record.dtype = list(tensor.shape), str(tensor.dtype).replace("torch.", "")
+        if tensor.numel() == 0 or not tensor.is_floating_point():
+            record.note = "metadata only (empty or non-float tensor)"
+            return
+        self._statistics(record, tensor)
+        fmap, reshaped = as_feature_map(tensor.detach(), self.token_grids)
+        record.reshaped_from_tokens = reshaped
+        if fmap is not None and fmap.shape[1] > 0:
+            self._picture(record, fmap)
+        if self.verbose:
+            log(f"Layer {index:0{self._pad}d} {name} (call {call}): {tuple(tensor.shape)}", "DISSECT")
+        self.stats_sec += time.perf_counter() - start
+
+    def _statistics(self, record: LayerRecord, tensor: torch.Tensor) -> None:
+        t = tensor.detach().float()
+        lo, hi = torch.aminmax(t)
+        std = t.std() if t.numel() > 1 else torch.zeros((), device=t.device)
+        zeros = 1.0 - torch.count_nonzero(t) / t.numel()
+        values = torch.stack([lo, hi, t.mean(), std, zeros.to(t.dtype)]).tolist()  # one device sync
+        record.min, record.max, record.mean, record.std, record.sparsity = (finite_or_none(v) for v in values)
+
+    def _picture(self, record: LayerRecord, fmap: torch.Tensor) -> None:
+        """Queue the PNG/NPY of a (B, C, H, W) map and keep its channel-mean overview tile."""
+        self._check_disk(fmap[:, :PNG_CHANNELS].numel() * 5)  # raw PNG + float32 NPY: an upper bound
+        clone = fmap[:, :PNG_CHANNELS].to("cpu", copy=True).contiguous()  # outlives the hook
+        tile = fmap[0].float().mean(0, keepdim=True)[None]
+        size = (min(OVERVIEW_TILE_PX, tile.shape[-2]), min(OVERVIEW_TILE_PX, tile.shape[-1]))
+        self.tiles[record.index] = F.adaptive_avg_pool2d(tile, size)[0, 0].cpu().numpy()
+        stem = f"layer_{record.index:0{self._pad}d}"
+        record.files = [f"{stem}.png", f"{stem}.npy"]
+        png, npy = self.out_dir / record.files[0], self.out_dir / record.files[1]
+        self._writer.submit(lambda: save_feature_map_png(clone, png) + save_feature_map_npy(clone, npy))
+
+    def _check_disk(self, need_bytes: int) -> None:
+        free = shutil.disk_usage(self.out_dir).free
+        need = need_bytes
+        if free - need < DISSECT_MIN_FREE_MB * 1024**2:
+            raise OutputError(
+                f"only {format_bytes(free)} free in {self.out_dir}; dissection stops before the disk "
+                f"falls under {DISSECT_MIN_FREE_MB} MB. Free space or pass --no-dissect"
+            )
+
+    # -- modes ----------------------------------------------------------------------
+
+    def run(self, forward: Callable[[], Any], mode: str = "single-pass") -> dict:
+        """Dissect with one of MODES; hooks are removed and the writer drained even on error."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._check_disk(0)
+        start = time.perf_counter()
+        self._writer = FileWriter()
+        try:
+            if mode == "per-layer":
+                self._run_per_layer(forward)
+            else:
+                self._run_hooked(forward, self.leaves, lambda name, call: self._next_index())
+        finally:
+            self._writer.close()
+        self._writer.raise_error()
+        self.records.sort(key=lambda r: r.index)
+        self._fix_padding()
+        overview = self._write_overview()
+        return self._summary(mode, time.perf_counter() - start, overview)
+
+    def _next_index(self) -> int:
+        return len(self.records) + 1
+
+    def _run_hooked(self, forward: Callable[[], Any], modules, index_of) -> None:
+        handles = [m.register_forward_hook(self._hook_for(n, index_of)) for n, m in modules]
+        try:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                forward()
+            self.forward_sec += time.perf_counter() - start
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _run_per_layer(self, forward: Callable[[], Any]) -> None:
+        order = trace_call_order(self.leaves, forward)
+        index = {key: i for i, key in enumerate(order, 1)}
+        for name, module in self.leaves:
+            if any(key[0] == name for key in order):
+                self._run_hooked(forward, [(name, module)], lambda n, call: index[(n, call)])
+
+    # -- results --------------------------------------------------------------------
+
+    def _fix_padding(self) -> None:
+        """Names were padded to the leaf count; pad to the output count when it is wider."""
+        pad = max(3, len(str(len(self.records))))
+        if pad == self._pad:
+            return
+        for record in self.records:
+            renamed = [re.sub(r"^layer_(\d+)", lambda m: f"layer_{int(m.group(1)):0{pad}d}", f) for f in record.files]
+            for old, new in zip(record.files, renamed):
+                os.replace(self.out_dir / old, self.out_dir / new)
+            record.files = renamed
+        self._pad = pad
+
+    def _write_overview(self) -> str | None:
+        """One small channel-mean tile per pictured layer, in execution order, labelled."""
+        if not self.tiles:
+            return None
+        cell, label = OVERVIEW_TILE_PX + 4, 12
+        cols = max(1, math.ceil(math.sqrt(len(self.tiles))))
+        rows = math.ceil(len(self.tiles) / cols)
+        sheet = Image.new("L", (cols * cell, rows * (cell + label)), color=255)
+        draw = ImageDraw.Draw(sheet)
+        for pos, (index, tile) in enumerate(sorted(self.tiles.items())):
+            r, c = divmod(pos, cols)
+            x, y = c * cell + 2, r * (cell + label)
+            sheet.paste(Image.fromarray(feature_grid(tile[None])), (x, y + label))
+            draw.text((x, y), str(index), fill=0)
+        sheet.save(self.out_dir / "overview.png", compress_level=1)
+        return "overview.png"
+
+    def _summary(self, mode: str, seconds: float, overview: str | None) -> dict:
+        files = [f for r in self.records for f in r.files] + ([overview] if overview else [])
+        ran = {r.name for r in self.records}
+        return {
+            "dissect_mode": mode,
+            "total_leaf_modules": len(self.leaves),
+            "total_outputs": len(self.records),
+            "total_files": len(files),
+            "bytes_written": sum((self.out_dir / f).stat().st_size for f in files),
+            "seconds": seconds,
+            "seconds_forward": self.forward_sec,
+            "seconds_statistics": self.stats_sec,
+            "seconds_file_writing": self._writer.seconds if self._writer else 0.0,
+            "overview": overview,
+            "modules_never_run": [n for n, _ in self.leaves if n not in ran],
+            "layers": [vars(r) for r in self.records],
+        }
+
+
+def trace_call_order(leaves, forward: Callable[[], Any]) -> list[tuple[str, int]]:
+    """Run one forward with counting hooks: the (module name, call number) execution order."""
+    order: list[tuple[str, int]] = []
+    counts: dict[str, int] = {}
+
+    def make(name: str):
+        def hook(module, inputs, output):
+            counts[name] = counts.get(name, 0) + 1
+            order.append((name, counts[name]))
+
+        return hook
+
+    handles = [m.register_forward_hook(make(n)) for n, m in leaves]
+    try:
+        with torch.inference_mode():
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+# --------------------------------------------------------------------------------------
+# The base class
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Requirement:
+    """One thing a model needs before it can run: a module, a weight file or a hub model."""
+
+    kind: str          # "module" | "file" | "hub"
+    name: str          # module name, file path or hub id
+    present: bool
+    host: str | None = None  # where it downloads from when missing
+    fix: str = ""
+
+
+class ModelBenchmark(ABC):
+    """Everything shared: loading, timing with CUDA sync, memory, hooks, saving, cleanup.
+
+    A subclass says which model (class attributes, _load_pretrained/_build_random) and how
+    to feed it (preprocess/forward/postprocess).
+    """
+
+    MODEL_NAME = ""          # display name
+    SHORT_NAME = ""          # --models name
+    INPUT_SIZE = 0           # native input size the model is fed
+    LIBRARY = ""             # distribution providing the implementation
+    PREPROCESS_NOTE = ""     # what preprocessing does (shown in the report)
+    TOKEN_GRID_STRIDES: tuple[int, ...] = ()  # input pixels per token, for ViT token pictures
+    REDUCED_CONFIG_SUPPORTED = False
+
+    def __init__(self, device: torch.device, weights: str = "pretrained", models_dir: Path | None = None):
+        self.device = device
+        self.weights = weights
+        self.models_dir = Path(models_dir) if models_dir else SCRIPT_DIR / "models"
+        self.model: torch.nn.Module | None = None
+        self.processor: Any = None
+        self.weight_source = "random (seeded)" if weights == "random" else ""
+        self.input_shape: list[int] | None = None
+        self.notes: list[str] = []
+
+    # -- what a subclass provides ---------------------------------------------------
+
+    @abstractmethod
+    def requirements(self) -> list[Requirement]:
+        """Modules and weights needed for the current weights mode (preflight)."""
+
+    @abstractmethod
+    def _load_pretrained(self) -> torch.nn.Module:
+        """Load the pretrained model (auto-downloading), set self.processor and weight_source."""
+
+    @abstractmethod
+    def _build_random(self) -> torch.nn.Module:
+        """Build the exact architecture with seeded random weights, no network or files."""
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> Any:
+        """Image -> model inputs on self.device."""
+
+    @abstractmethod
+    def forward(self, inputs: Any) -> Any:
+        """The model's forward pass (what the latency figures time)."""
+
+    def postprocess(self, outputs: Any, image: Image.Image) -> Any:
+        """Outputs -> task result at the image's size (timed separately)."""
+        return outputs
+
+    # -- shared ---------------------------------------------------------------------
+
+    @property
+    def reduced(self) -> bool:
+        return self.REDUCED_CONFIG_SUPPORTED and self.weights == "random" and os.environ.get(REDUCED_CONFIG_ENV) == "1"
+
+    def load(self) -> None:
+        """Load weights, move to the device, eval mode."""
+        set_seed()
+        model = self._build_random() if self.weights == "random" else self._load_pretrained()
+        self.model = model.to(self.device).eval()
+        if self.reduced:
+            self.notes.append(f"reduced configuration ({REDUCED_CONFIG_ENV}=1): not the full-size architecture")
+
+    def infer(self, image: Image.Image) -> dict:
+        """One timed run: preprocess, forward, postprocess, each timed with CUDA sync."""
+        with PeakMemory(self.device) as peak:
+            t0 = clock(self.device)
+            inputs = self.preprocess(image)
+            t1 = clock(self.device)
+            with torch.inference_mode():
+                outputs = self.forward(inputs)
+                t2 = clock(self.device)
+                self.postprocess(outputs, image)
+            t3 = clock(self.device)
+            del inputs, outputs
+        return {
+            "preprocess_sec": t1 - t0,
+            "inference_sec": t2 - t1,
+            "postprocess_sec": t3 - t2,
+            "peak_rss_mb": peak.rss_peak_mb,
+            "peak_cuda_allocated_mb": peak.cuda_peak_mb,
+            "peak_mb": peak.headline_mb,
+        }
+
+    def token_grids(self, inputs_shape: list[int]) -> list[tuple[int, int]]:
+        height, width = inputs_shape[-2:]
+        return [(height // s, width // s) for s in self.TOKEN_GRID_STRIDES]
+
+    def dissect_layers(self, image: Image.Image, out_dir: Path, mode: str = "single-pass", verbose: bool = True) -> dict:
+        """Capture every leaf module's output on one image (see LayerDissector)."""
+        inputs = self.preprocess(image)
+        dissector = LayerDissector(self.model, out_dir, self.token_grids(self.input_shape or []), verbose)
+        try:
+            return dissector.run(lambda: self.forward(inputs), mode)
+        finally:
+            del inputs
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def record_input_shape(self, image: Image.Image) -> None:
+        inputs = self.preprocess(image)
+        tensor, _ = first_tensor(inputs)
+        self.input_shape = list(tensor.shape) if tensor is not None else None
+
+    def cleanup(self) -> None:
+        """Free the model and processor, empty the CUDA cache, give heap pages back."""
+        self.model = None
+        self.processor = None
+        release_host_memory()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def get_info(self) -> dict:
+        """Model facts; call before cleanup() (NOTES.md 2)."""
+        params = sum(p.numel() for p in self.model.parameters())
+        leaves = sum(1 for m in self.model.modules() if next(m.children(), None) is None)
+        return {
+            "model_name": self.MODEL_NAME,
+            "class_name": type(self).__name__,
+            "short_name": self.SHORT_NAME,
+            "input_size": self.INPUT_SIZE,
+            "input_shape": self.input_shape,
+            "total_params": params,
+            "leaf_modules": leaves,
+            "weights": self.weights,
+            "weights_source": self.weight_source,
+            "backend": f"{self.LIBRARY} {package_version(self.LIBRARY) or '?'}",
+            "preprocess_note": self.PREPROCESS_NOTE,
+            "notes": list(self.notes),
+            "device": str(self.device),
+        }
+
+    # -- helpers for subclasses -----------------------------------------------------
+
+    def _module_requirement(self, module: str, pip_name: str) -> Requirement:
+        return Requirement("module", module, module_available(module), fix=f"python -m pip install {pip_name}")
+
+    def _file_requirement(self, path: Path, host: str | None = ASSETS_HOST) -> Requirement:
+        return Requirement("file", str(path), path.is_file(), host,
+                           fix=f"place {path.name} in {path.parent}, or use --weights random")
+
+    def _hub_requirement(self, repo_id: str) -> Requirement:
+        return Requirement("hub", repo_id, hub_cached(repo_id), HF_HOST,
+                           fix=f"download {repo_id} into the Hugging Face cache on a connected machine, or use --weights random")
+
+    @contextlib.contextmanager
+    def _weight_file_guard(self, path: Path):
+        """Loading errors of an existing weight file become an actionable WeightFileError."""
+        existed = path.is_file()
+        try:
+            yield
+        except Exception as e:
+            if not existed or is_out_of_memory(e):
+                raise
+            raise WeightFileError(
+                f"{type(self).__name__}: could not load weight file {path} ({type(e).__name__}: {e}). "
+                f"It is probably truncated or not a checkpoint: delete it so it downloads again, or replace it."
+            ) from e
+
+
+def hub_cached(repo_id: str) -> bool:
+    """True when config and weights of a hub model are in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo_id, name), str)
+
+    return cached("config.json") and (cached("model.safetensors") or cached("model.safetensors.index.json"))
+
+
+# --------------------------------------------------------------------------------------
+# The eight models
+# --------------------------------------------------------------------------------------
+
+
+class HFDepthBenchmark(ModelBenchmark):
+    """Depth models from transformers: processor -> pixel_values -> predicted_depth."""
+
+    LIBRARY = "transformers"
+    MODEL_ID = ""
+    MODEL_CLASS = ""          # transformers model class name
+    MODEL_KWARGS: dict = {}
+
+    def requirements(self) -> list[Requirement]:
+        needs = [self._module_requirement("transformers", "'transformers>=4.50'")]
+        if self.weights == "pretrained":
+            needs.append(self._hub_requirement(self.MODEL_ID))
+        return needs
+
+    def _load_pretrained(self) -> torch.nn.Module:
+        import transformers
+
+        local = hub_cached(self.MODEL_ID)  # cached: no network round trip at all
+        self.processor = transformers.AutoImageProcessor.from_pretrained(self.MODEL_ID, local_files_only=local)
+        model_class = getattr(transformers, self.MODEL_CLASS)
+        model = model_class.from_pretrained(self.MODEL_ID, local_files_only=local, **self.MODEL_KWARGS)
+        self.weight_source = f"huggingface:{self.MODEL_ID}"
+        return model
+
+    def _build_random(self) -> torch.nn.Module:
+        import transformers
+
+        self.processor = self._random_processor()
+        return getattr(transformers, self.MODEL_CLASS)(self._config())
+
+    @abstractmethod
+    def _config(self):
+        """transformers config equal to the hub's (or reduced, see REDUCED_CONFIG_ENV)."""
+
+    @abstractmethod
+    def _random_processor(self):
+        """The hub's image processor, built from its settings without the network."""
+
+    def preprocess(self, image: Image.Image) -> dict:
+        inputs = self.processor(images=image, return_tensors="pt")
+        return {"pixel_values": inputs["pixel_values"].to(self.device)}
+
+    def forward(self, inputs: dict) -> Any:
+        return self.model(**inputs)
+
+    def postprocess(self, outputs: Any, image: Image.Image) -> Any:
+        return self.processor.post_process_depth_estimation(outputs, target_sizes=[(image.height, image.width)])
+
+
+def dinov2_config(**overrides):
+    from transformers import Dinov2Config
+
+    return Dinov2Config(**overrides)
+
+
+class DepthProBenchmark(HFDepthBenchmark):
+    # Hardcoded configuration - modify these values to change model behavior
+    MODEL_NAME = "DepthPro"
+    SHORT_NAME = "depthpro"
+    MODEL_ID = "apple/DepthPro-hf"  # HuggingFace model identifier
+    INPUT_SIZE = 1536  # Native input: the processor resizes every image to 1536x1536 (NOTES.md 1)
+    MODEL_CLASS = "DepthProForDepthEstimation"
+    MODEL_KWARGS = {"use_fov_model": True}  # field-of-view head: metric depth plus focal length
+    TOKEN_GRID_STRIDES = (64,)  # three DINOv2 ViT-L/16 encoders see 384-px patches as 24x24 tokens
+    PREPROCESS_NOTE = "DepthProImageProcessor (fast): resize to 1536x1536, scale to [0,1], normalise mean 0.5 std 0.5"
+    REDUCED_CONFIG_SUPPORTED = True
+
+    # Uses HuggingFace transformers library
+    # Auto-downloads model weights to the HF cache (~1.9 GB first time)
+    # Provides metric depth estimation with field-of-view prediction
+
+    def _config(self):
+        from transformers import DepthProConfig
+
+        if self.reduced:  # tests: same structure, tiny encoders and fusion
+            vit = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=384, patch_size=16)
+            return DepthProConfig(use_fov_model=True, image_model_config=dinov2_config(**vit),
+                                  patch_model_config=dinov2_config(**vit), fov_model_config=dinov2_config(**vit),
+                                  fusion_hidden_size=32, intermediate_hook_ids=[1, 0],
+                                  intermediate_feature_dims=[32, 32], scaled_images_feature_dims=[64, 64, 32])
+        vit = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=384, patch_size=16)
+        return DepthProConfig(use_fov_model=True, image_model_config=dinov2_config(**vit),
+                              patch_model_config=dinov2_config(**vit), fov_model_config=dinov2_config(**vit))
+
+    def _random_processor(self):
+        return fast_processor("DepthProImageProcessor")()  # its defaults are the hub's settings
+
+
+def fast_processor(name: str):
+    """transformers >= 5 names the fast (torch) image processors without the Fast suffix."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return getattr(transformers, name if major >= 5 else name + "Fast")
+
+
+class DepthAnythingV2Benchmark(HFDepthBenchmark):
+    """Depth Anything V2 through transformers' port, or the official module when installed.
+
+    The official implementation is used when `depth_anything_v2` is importable (git clone
+    https://github.com/DepthAnything/Depth-Anything-V2, add it to PYTHONPATH) and
+    models/depth_anything_v2_<variant>.pth exists. When neither can be had, the model is
+    skipped with a message (the spec).
+    """
+
+    MODEL_CLASS = "DepthAnythingForDepthEstimation"
+    INPUT_SIZE = 518
+    TOKEN_GRID_STRIDES = (14,)  # DINOv2 patch size
+    PREPROCESS_NOTE = ("DPTImageProcessor: resize keeping aspect ratio so the short side is 518 and both sides "
+                       "are multiples of 14 (bicubic), scale to [0,1], ImageNet mean/std")
+    VARIANT = ""
+    FEATURES = 0
+    OUT_CHANNELS: list[int] = []
+    VIT: dict = {}
+    official = False  # set by load(): the official implementation is in use
+
+    @property
+    def official_checkpoint(self) -> Path:
+        return self.models_dir / f"depth_anything_v2_{self.VARIANT}.pth"
+
+    @property
+    def use_official(self) -> bool:
+        return (self.weights == "pretrained" and module_available("depth_anything_v2")
+                and self.official_checkpoint.is_file())
+
+    def requirements(self) -> list[Requirement]:
+        if self.use_official:
+            return [Requirement("file", str(self.official_checkpoint), True)]
+        return super().requirements()
+
+    def _load_pretrained(self) -> torch.nn.Module:
+        if self.use_official:
+            self.official = True
+            return self._load_official()
+        if not hub_cached(self.MODEL_ID) and not (network_allowed() and host_reachable([HF_HOST])[HF_HOST]):
+            raise ModelUnavailable(f"{self.MODEL_ID} is not in the Hugging Face cache and the hub is unreachable")
+        model = super()._load_pretrained()
+        got = (model.config.fusion_hidden_size, list(model.config.neck_hidden_sizes))
+        if got != (self.FEATURES, self.OUT_CHANNELS):
+            raise BenchError(f"{self.MODEL_ID} has features/out_channels {got}, expected "
+                             f"{(self.FEATURES, self.OUT_CHANNELS)}: wrong checkpoint for {type(self).__name__}")
+        return model
+
+    def _load_official(self) -> torch.nn.Module:
+        from depth_anything_v2.dpt import DepthAnythingV2
+
+        model = DepthAnythingV2(encoder=self.VARIANT, features=self.FEATURES, out_channels=self.OUT_CHANNELS)
+        with self._weight_file_guard(self.official_checkpoint):
+            model.load_state_dict(torch.load(self.official_checkpoint, map_location="cpu", weights_only=True))
+        self.processor = self._random_processor()  # same resize/normalisation as the official image2tensor
+        self.weight_source = str(self.official_checkpoint)
+        self.LIBRARY = "depth_anything_v2"
+        return model
+
+    def forward(self, inputs: dict) -> Any:
+        if self.official:
+            return self.model(inputs["pixel_values"])
+        return self.model(**inputs)
+
+    def postprocess(self, outputs: Any, image: Image.Image) -> Any:
+        if self.official:  # (B, H, W) relative depth
+            return F.interpolate(outputs[:, None], (image.height, image.width), mode="bilinear")
+        return super().postprocess(outputs, image)
+
+    def _config(self):
+        from transformers import DepthAnythingConfig
+
+        vit, neck, features = self.VIT, self.OUT_CHANNELS, self.FEATURES
+        if self.reduced:  # tests: the Small variant's widths with four blocks
+            vit = dict(DepthAnythingV2SmallBenchmark.VIT, num_hidden_layers=4, out_indices=[1, 2, 3, 4])
+            neck, features = DepthAnythingV2SmallBenchmark.OUT_CHANNELS, DepthAnythingV2SmallBenchmark.FEATURES
+        backbone = dinov2_config(image_size=518, patch_size=14, reshape_hidden_states=False, **vit)
+        return DepthAnythingConfig(backbone_config=backbone, neck_hidden_sizes=neck, fusion_hidden_size=features,
+                                   reassemble_hidden_size=vit["hidden_size"], head_hidden_size=32)
+
+    def _random_processor(self):
+        return fast_processor("DPTImageProcessor")(
+            do_resize=True, size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
+            resample=Image.Resampling.BICUBIC, do_rescale=True, do_normalize=True,
+            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_pad=False)
+
+
+class DepthAnythingV2SmallBenchmark(DepthAnythingV2Benchmark):
+    # Requires depth_anything_v2 module: git clone https://github.com/DepthAnything/Depth-Anything-V2
+    # (optional: without it the transformers port below is used, same architecture and weights)
+    MODEL_NAME = "DepthAnythingV2-Small"
+    SHORT_NAME = "dav2-small"
+    MODEL_ID = "depth-anything/Depth-Anything-V2-Small-hf"
+    VARIANT = "vits"
+    FEATURES = 64                       # transformers: fusion_hidden_size
+    OUT_CHANNELS = [48, 96, 192, 384]   # transformers: neck_hidden_sizes
+    VIT = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, out_indices=[3, 6, 9, 12])
+
+
+class DepthAnythingV2BaseBenchmark(DepthAnythingV2Benchmark):
+    MODEL_NAME = "DepthAnythingV2-Base"
+    SHORT_NAME = "dav2-base"
+    MODEL_ID = "depth-anything/Depth-Anything-V2-Base-hf"
+    VARIANT = "vitb"
+    FEATURES = 128
+    OUT_CHANNELS = [96, 192, 384, 768]
+    VIT = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, out_indices=[3, 6, 9, 12])
+    REDUCED_CONFIG_SUPPORTED = True
+
+
+class DepthAnythingV2LargeBenchmark(DepthAnythingV2Benchmark):
+    MODEL_NAME = "DepthAnythingV2-Large"
+    SHORT_NAME = "dav2-large"
+    MODEL_ID = "depth-anything/Depth-Anything-V2-Large-hf"
+    VARIANT = "vitl"
+    FEATURES = 256
+    OUT_CHANNELS = [256, 512, 1024, 1024]
+    VIT = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, out_indices=[5, 12, 18, 24])
+    REDUCED_CONFIG_SUPPORTED = True
+
+
+class UltralyticsBenchmark(ModelBenchmark):
+    """Models from Ultralytics: weight files in the models dir, auto-downloaded when missing."""
+
+    LIBRARY = "ultralytics"
+    MODEL_PATH = ""  # file name inside --models-dir
+
+    @property
+    def weight_path(self) -> Path:
+        return self.models_dir / self.MODEL_PATH
+
+    def requirements(self) -> list[Requirement]:
+        needs = [self._module_requirement("ultralytics", "'ultralytics>=8.3.0'")]
+        if self.weights == "pretrained":
+            needs.append(self._file_requirement(self.weight_path))
+        return needs
+
+    def _load_pretrained(self) -> torch.nn.Module:
+        self.weight_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._weight_file_guard(self.weight_path):
+            model = self._load_file(str(self.weight_path))
+        self.weight_source = str(self.weight_path)
+        return model
+
+    @abstractmethod
+    def _load_file(self, path: str) -> torch.nn.Module:
+        """Load through Ultralytics' own loader (which downloads a missing file)."""
+
+    def _letterbox(self, image: Image.Image, center: bool) -> np.ndarray:
+        from ultralytics.data.augment import LetterBox
+
+        return LetterBox(new_shape=(self.INPUT_SIZE, self.INPUT_SIZE), auto=False, center=center)(image=np.asarray(image))
+
+
+class YOLO11Benchmark(UltralyticsBenchmark):
+    """YOLO11n detect/segment/pose: letterbox to 640x640, unfused model as loaded, NMS."""
+
+    INPUT_SIZE = 640
+    MODEL_YAML = ""
+    MODEL_TASK_CLASS = ""   # ultralytics.nn.tasks class built from MODEL_YAML
+    NUM_CLASSES = 80
+    PREPROCESS_NOTE = "Ultralytics LetterBox to 640x640 (gray padding 114), scale to [0,1]; NMS conf 0.25 IoU 0.7"
+
+    def _load_file(self, path: str) -> torch.nn.Module:
+        from ultralytics import YOLO
+
+        return YOLO(path).model
+
+    def _build_random(self) -> torch.nn.Module:
+        from ultralytics.nn import tasks
+
+        return getattr(tasks, self.MODEL_TASK_CLASS)(self.MODEL_YAML, nc=self.NUM_CLASSES, verbose=False)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        boxed = self._letterbox(image, center=True)
+        tensor = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1))).to(self.device)
+        return (tensor.float() / 255.0)[None]
+
+    def forward(self, inputs: torch.Tensor) -> Any:
+        return self.model(inputs)
+
+    def postprocess(self, outputs: Any, image: Image.Image) -> Any:
+        from ultralytics.utils import ops
+        from ultralytics.utils.nms import non_max_suppression
+
+        preds = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        protos = None
+        if isinstance(preds, (tuple, list)):  # segment: (predictions, mask prototypes)
+            preds, protos = preds[0], preds[1]
+        det = non_max_suppression(preds, conf_thres=0.25, iou_thres=0.7, nc=len(self.model.names))[0]
+        shape = (self.INPUT_SIZE, self.INPUT_SIZE)
+        masks = ops.process_mask(protos[0], det[:, 6:], det[:, :4], shape, upsample=True) if protos is not None and len(det) else None
+        det[:, :4] = ops.scale_boxes(shape, det[:, :4], (image.height, image.width))
+        return det, masks
+
+
+class YOLO11nDetectBenchmark(YOLO11Benchmark):
+    # Uses Ultralytics library, auto-downloads if models/yolo11n.pt missing
+    MODEL_NAME = "YOLO11n-Detect"
+    SHORT_NAME = "yolo11n-detect"
+    MODEL_PATH = "yolo11n.pt"
+    MODEL_YAML = "yolo11n.yaml"
+    MODEL_TASK_CLASS = "DetectionModel"
+
+
+class YOLO11nSegmentBenchmark(YOLO11Benchmark):
+    # Uses Ultralytics library, auto-downloads if models/yolo11n-seg.pt missing
+    MODEL_NAME = "YOLO11n-Segment"
+    SHORT_NAME = "yolo11n-seg"
+    MODEL_PATH = "yolo11n-seg.pt"
+    MODEL_YAML = "yolo11n-seg.yaml"
+    MODEL_TASK_CLASS = "SegmentationModel"
+
+
+class YOLO11nPoseBenchmark(YOLO11Benchmark):
+    # Uses Ultralytics library, auto-downloads if models/yolo11n-pose.pt missing
+    MODEL_NAME = "YOLO11n-Pose"
+    SHORT_NAME = "yolo11n-pose"
+    MODEL_PATH = "yolo11n-pose.pt"
+    MODEL_YAML = "yolo11n-pose.yaml"
+    MODEL_TASK_CLASS = "PoseModel"
+    NUM_CLASSES = 1  # yolo11n-pose.pt is trained on COCO keypoints: one class, person (17 keypoints)
+
+
+class MobileSAMBenchmark(UltralyticsBenchmark):
+    # Uses Ultralytics library, auto-downloads if models/mobile_sam.pt missing
+    # Prompted with one positive point at the image centre: image encoder + prompt encoder + mask decoder
+    MODEL_NAME = "MobileSAM"
+    SHORT_NAME = "mobilesam"
+    MODEL_PATH = "mobile_sam.pt"
+    INPUT_SIZE = 1024
+    TOKEN_GRID_STRIDES = (4, 8, 16)  # TinyViT stages and the mask decoder's 64x64 image tokens
+    PREPROCESS_NOTE = ("Ultralytics LetterBox: longest side to 1024, padded bottom-right to 1024x1024, "
+                       "SAM pixel mean/std; prompt: one positive point at the image centre")
+
+    def _load_file(self, path: str) -> torch.nn.Module:
+        from ultralytics import SAM
+
+        return SAM(path).model
+
+    def _build_random(self) -> torch.nn.Module:
+        from ultralytics.models.sam.build import build_mobile_sam
+
+        return build_mobile_sam()
+
+    def preprocess(self, image: Image.Image) -> dict:
+        boxed = torch.from_numpy(self._letterbox(image, center=False)).to(self.device).permute(2, 0, 1).float()
+        pixels = (boxed - self.model.pixel_mean) / self.model.pixel_std
+        scale = self.INPUT_SIZE / max(image.width, image.height)
+        point = torch.tensor([[[image.width / 2 * scale, image.height / 2 * scale]]], device=self.device)
+        return {"pixel_values": pixels[None], "points": point, "labels": torch.ones((1, 1), device=self.device)}
+
+    def forward(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        sam = self.model
+        embeddings = sam.image_encoder(inputs["pixel_values"])
+        sparse, dense = sam.prompt_encoder(points=(inputs["points"], inputs["labels"]), boxes=None, masks=None)
+        return sam.mask_decoder(image_embeddings=embeddings, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+
+    def postprocess(self, outputs: tuple[torch.Tensor, torch.Tensor], image: Image.Image) -> torch.Tensor:
+        low_res, _ = outputs
+        masks = F.interpolate(low_res, (self.INPUT_SIZE, self.INPUT_SIZE), mode="bilinear", align_corners=False)
+        scale = self.INPUT_SIZE / max(image.width, image.height)
+        masks = masks[..., : round(image.height * scale), : round(image.width * scale)]
+        return F.interpolate(masks, (image.height, image.width), mode="bilinear", align_corners=False) > 0
+
+
+MODEL_REGISTRY: list[type[ModelBenchmark]] = [
+    DepthProBenchmark,
+    DepthAnythingV2SmallBenchmark,
+    DepthAnythingV2BaseBenchmark,
+    DepthAnythingV2LargeBenchmark,
+    YOLO11nDetectBenchmark,
+    YOLO11nSegmentBenchmark,
+    YOLO11nPoseBenchmark,
+    MobileSAMBenchmark,
+]
+SKIPPABLE = (DepthAnythingV2Benchmark,)  # the spec: skip DA-V2 when it can't be had
+
+
+def resolve_models(spec: str | None) -> list[type[ModelBenchmark]]:
+    """--models: comma-separated short or class names, case-insensitive; default all eight."""
+    if not spec:
+        return list(MODEL_REGISTRY)
+    by_name = {}
+    for cls in MODEL_REGISTRY:
+        by_name[cls.SHORT_NAME.lower()] = by_name[cls.__name__.lower()] = cls
+    chosen: list[type[ModelBenchmark]] = []
+    for name in (n.strip().lower() for n in spec.split(",")):
+        if name not in by_name:
+            valid = ", ".join(c.SHORT_NAME for c in MODEL_REGISTRY)
+            raise UsageError(f"unknown model '{name}'. Valid models: {valid} (or their class names)")
+        if by_name[name] not in chosen:
+            chosen.append(by_name[name])
+    if not chosen:
+        raise UsageError("--models is empty")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------
+# The runner
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    models: list[type[ModelBenchmark]]
+    images: list[Path]
+    image_source: str
+    runs: int
+    device: torch.device
+    weights: str
+    models_dir: Path
+    output_dir: Path
+    dissect: bool
+    dissect_mode: str
+    keep_going: bool
+    timestamp: str = ""
+    skips: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def results_dir(self) -> Path:
+        return self.output_dir / "results"
+
+    @property
+    def viz_dir(self) -> Path:
+        return self.output_dir / "viz" / self.timestamp
+
+
+def memory_label(device: torch.device) -> str:
+    return "GPU Memory" if device.type == "cuda" else "RSS"
+
+
+def snapshot_fields(label: str, snap: dict[str, float | None]) -> dict[str, float | None]:
+    return {
+        f"rss_{label}_mb": snap["rss_mb"],
+        f"cuda_allocated_{label}_mb": snap["cuda_allocated_mb"],
+        f"cuda_reserved_{label}_mb": snap["cuda_reserved_mb"],
+    }
+
+
+def timed_runs(bench: ModelBenchmark, cfg: RunConfig, state: dict) -> list[dict]:
+    """--runs inference runs per image, no warm-up (the spec's cold start)."""
+    records, total = [], len(cfg.images) * cfg.runs
+    for path in cfg.images:
+        state.update(phase="inference", image=path.name)
+        image = decode_image(path)
+        for run in range(1, cfg.runs + 1):
+            record = {"image": path.name, "run": run, **bench.infer(image)}
+            records.append(record)
+            log(f"[INFER {len(records)}/{total}] {path.name} | Time: {record['inference_sec']:.3f}s | "
+                f"Peak Memory: {record['peak_mb']:.0f} MB | pre {record['preprocess_sec']:.3f}s "
+                f"post {record['postprocess_sec']:.3f}s", "")
+    return records
+
+
+def dissect_model(bench: ModelBenchmark, cfg: RunConfig, state: dict) -> dict:
+    """Dissect on the first image and write layers_metadata.json; returns the summary."""
+    out_dir = cfg.viz_dir / type(bench).__name__
+    state.update(phase="dissection", image=cfg.images[0].name)
+    log(f"Starting layer dissection ({cfg.dissect_mode}) on {cfg.images[0].name}...", "DISSECT")
+    summary = bench.dissect_layers(decode_image(cfg.images[0]), out_dir, cfg.dissect_mode)
+    meta = {"model_name": bench.MODEL_NAME, "class_name": type(bench).__name__, "image": cfg.images[0].name,
+            "input_shape": bench.input_shape, **summary}
+    atomic_write_text(out_dir / "layers_metadata.json", json.dumps(meta, indent=2))
+    log(f"Saved {summary['total_outputs']} layer outputs ({summary['total_files']} files, "
+        f"{format_bytes(summary['bytes_written'])}) in {summary['seconds']:.2f}s to {out_dir}/", "DISSECT")
+    return summary
+
+
+def benchmark_model(cls: type[ModelBenchmark], cfg: RunConfig, state: dict) -> dict:
+    """Load, time, dissect and free one model; returns its result row."""
+    device = cfg.device
+    label = memory_label(device)
+    log("Verifying model weights and dependencies...", "CHECK")
+    bench = cls(device, cfg.weights, cfg.models_dir)
+    before = get_memory_usage(device)
+    log(f"{label} before load: {headline_mb(before, device):.0f} MB", "MEMORY")
+    try:
+        state.update(phase="load", image=None)
+        log(f"Loading model to {device} ({cfg.weights} weights)...", "LOAD")
+        start = clock(device)
+        bench.load()
+        load_time_sec = clock(device) - start
+        after_load = get_memory_usage(device)
+        log(f"Model loaded successfully in {load_time_sec:.2f}s from {bench.weight_source}", "LOAD")
+        log(f"{label} after load: {headline_mb(after_load, device):.0f} MB "
+            f"(delta: +{headline_mb(after_load, device) - headline_mb(before, device):.0f} MB)", "MEMORY")
+        bench.record_input_shape(decode_image(cfg.images[0]))
+        runs = timed_runs(bench, cfg, state)
+        stats = latency_stats([r["inference_sec"] for r in runs])
+        log(f"Inference: avg={stats['avg_inference_sec']:.3f}s std={stats['std_inference_sec']:.3f}s "
+            f"min={stats['min_inference_sec']:.3f}s max={stats['max_inference_sec']:.3f}s "
+            f"cold={stats['cold_inference_sec']:.3f}s", "STATS")
+        log(f"FPS: avg={stats['fps_avg']:.3f} std={stats['fps_std']:.3f}", "STATS")
+        dissection = dissect_model(bench, cfg, state) if cfg.dissect else None
+        info = bench.get_info()
+    finally:
+        log("Clearing model and GPU cache...", "CLEANUP")
+        bench.cleanup()
+        if device.type == "cuda":
+            time.sleep(CLEANUP_SLEEP_SEC)
+    after_cleanup = get_memory_usage(device)
+    log(f"{label} after cleanup: {headline_mb(after_cleanup, device):.0f} MB", "MEMORY")
+    peaks = [r["peak_mb"] for r in runs if r["peak_mb"] is not None]
+    row = {
+        **info,
+        "status": "ok",
+        "load_time_sec": load_time_sec,
+        "inference_times_sec": [r["inference_sec"] for r in runs],
+        **stats,
+        "preprocess_avg_sec": float(np.mean([r["preprocess_sec"] for r in runs])),
+        "postprocess_avg_sec": float(np.mean([r["postprocess_sec"] for r in runs])),
+        "mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
+        "mem_before_mb": headline_mb(before, device),
+        "mem_after_load_mb": headline_mb(after_load, device),
+        "mem_peak_mb": max(peaks) if peaks else None,
+        "mem_after_cleanup_mb": headline_mb(after_cleanup, device),
+        "mem_not_returned_mb": headline_mb(after_cleanup, device) - headline_mb(before, device),
+        **snapshot_fields("before", before),
+        **snapshot_fields("after_load", after_load),
+        **snapshot_fields("after_cleanup", after_cleanup),
+        "rss_peak_mb": max((r["peak_rss_mb"] for r in runs if r["peak_rss_mb"] is not None), default=None),
+        "cuda_peak_allocated_mb": max((r["peak_cuda_allocated_mb"] for r in runs
+                                       if r["peak_cuda_allocated_mb"] is not None), default=None),
+        "total_layers_dissected": dissection["total_outputs"] if dissection else 0,
+        "dissect_mode": cfg.dissect_mode if dissection else None,
+        "dissect_time_sec": dissection["seconds"] if dissection else None,
+        "dissect_bytes_written": dissection["bytes_written"] if dissection else None,
+        "dissect_files": dissection["total_files"] if dissection else None,
+        "viz_dir": str(cfg.viz_dir / cls.__name__) if dissection else None,
+        "num_images": len(cfg.images),
+        "num_runs_per_image": cfg.runs,
+        "runs": runs,
+    }
+    return row
+
+
+def failure_message(cls: type[ModelBenchmark], error: BaseException, state: dict, device: torch.device) -> str:
+    where = state.get("phase", "?") + (f" on image {state['image']}" if state.get("image") else "")
+    if not is_out_of_memory(error):
+        return f"Failed to benchmark {cls.__name__} during {where}: {type(error).__name__}: {error}"
+    snap = get_memory_usage(device)
+    figures = f"process RSS {snap['rss_mb']:.0f} MB, peak RSS {format_bytes(rss_peak_bytes())}"
+    if device.type == "cuda":
+        figures += (f", CUDA allocated {snap['cuda_allocated_mb']:.0f} MB, reserved {snap['cuda_reserved_mb']:.0f} MB, "
+                    f"peak allocated {to_mb(torch.cuda.max_memory_allocated(device)):.0f} MB")
+    return (f"{cls.__name__} ran out of memory during {where} ({figures}): {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}. Free memory, use a smaller model set, or --device cpu")
+
+
+def status_row(cls: type[ModelBenchmark], status: str, reason: str, state: dict | None = None) -> dict:
+    state = state or {}
+    return {"model_name": cls.MODEL_NAME, "class_name": cls.__name__, "short_name": cls.SHORT_NAME,
+            "input_size": cls.INPUT_SIZE, "status": status, "error": reason,
+            "failed_phase": state.get("phase"), "failed_image": state.get("image")}
+
+
+@dataclass
+class RunOutcome:
+    results: list[dict]
+    exit_code: int
+    complete: bool
+    interrupted_by: str | None = None
+
+
+def run_benchmark(cfg: RunConfig) -> RunOutcome:
+    """Benchmark the selected models one after another (fail-fast unless --keep-going)."""
+    results: list[dict] = []
+    exit_code = EXIT_OK
+    for position, cls in enumerate(cfg.models, 1):
+        banner(f"[{position}/{len(cfg.models)}] {cls.__name__}")
+        if cls.__name__ in cfg.skips:
+            log(f"Skipping {cls.__name__}: {cfg.skips[cls.__name__]}", "SKIP")
+            results.append(status_row(cls, "skipped", cfg.skips[cls.__name__]))
+            continue
+        state: dict = {}
+        try:
+            results.append(benchmark_model(cls, cfg, state))
+            log(f"{cls.__name__} finished", "COMPLETE")
+        except ModelUnavailable as e:
+            if not issubclass(cls, SKIPPABLE):
+                raise
+            log(f"Skipping {cls.__name__}: {e}", "SKIP")
+            results.append(status_row(cls, "skipped", str(e)))
+        except KeyboardInterrupt:
+            return RunOutcome(results, EXIT_SIGINT, False, "SIGINT")
+        except RunInterrupted as e:
+            return RunOutcome(results, EXIT_SIGINT if e.signum == signal.SIGINT else EXIT_SIGTERM, False,
+                              signal.Signals(e.signum).name)
+        except Exception as e:
+            message = failure_message(cls, e, state, cfg.device)
+            log(message, "ERROR")
+            if not isinstance(e, BenchError):
+                traceback.print_exc()
+            exit_code = EXIT_MODEL_FAILED
+            if not cfg.keep_going:
+                return RunOutcome(results, exit_code, False)
+            results.append(status_row(cls, "failed", message, state))
+        release_host_memory()  # the exception's frames are gone: free what they held
+        if cfg.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return RunOutcome(results, exit_code, True)
+
+
+# --------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------
+
+SPEC_CSV_COLUMNS = [
+    "model_name", "load_time_sec", "avg_inference_sec", "std_inference_sec",
+    "min_inference_sec", "max_inference_sec", "fps_avg", "fps_std",
+    "mem_peak_mb", "total_params", "total_layers_dissected",
+    "num_images", "num_runs_per_image", "device",
+]
+EXTRA_CSV_COLUMNS = [
+    "class_name", "status", "cold_inference_sec", "warm_median_sec", "warm_p90_sec", "warm_p99_sec",
+    "preprocess_avg_sec", "postprocess_avg_sec", "mem_kind", "mem_before_mb", "mem_after_load_mb",
+    "mem_after_cleanup_mb", "mem_not_returned_mb", "rss_peak_mb", "cuda_peak_allocated_mb", "leaf_modules",
+    "input_size", "input_shape", "weights", "weights_source", "dissect_mode", "dissect_time_sec",
+    "dissect_bytes_written", "error",
+]
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Everything about the machine a figure depends on."""
+    cuda = torch.cuda.is_available()
+    return {
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": cuda,
+        "cuda_version": torch.version.cuda,
+        "cudnn_version": torch.backends.cudnn.version() if cuda else None,
+        "gpu_name": torch.cuda.get_device_name(device if device.type == "cuda" else 0) if cuda else None,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "transformers": package_version("transformers"),
+        "ultralytics": package_version("ultralytics"),
+        "device": str(device),
+        "random_seed": RANDOM_SEED,
+    }
+
+
+def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float) -> dict:
+    return {
+        "timestamp": cfg.timestamp,
+        "total_execution_time_sec": total_time_sec,
+        "device": str(cfg.device),
+        "random_seed": RANDOM_SEED,
+        "num_inference_runs": cfg.runs,
+        "complete": outcome.complete,
+        "interrupted_by": outcome.interrupted_by,
+        "weights": cfg.weights,
+        "image_source": cfg.image_source,
+        "images": [str(p) for p in cfg.images],
+        "dissect_mode": cfg.dissect_mode if cfg.dissect else None,
+        "environment": environment(cfg.device),
+        "results": outcome.results,
+    }
+
+
+def csv_text(results: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SPEC_CSV_COLUMNS + EXTRA_CSV_COLUMNS, extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in results:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in writer.fieldnames})
+    return buf.getvalue()
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+
+
+def markdown_text(payload: dict, cfg: RunConfig) -> str:
+    env, results = payload["environment"], payload["results"]
+    ok = [r for r in results if r["status"] == "ok"]
+    md = ["# Vision Model Benchmark Report", "", f"**Timestamp:** {cfg.timestamp}", ""]
+    if not payload["complete"]:
+        md += [f"**INCOMPLETE RUN** (interrupted by {payload['interrupted_by'] or 'a failure'}): "
+               "only the models listed as ok finished.", ""]
+    md += ["## System Information", ""] + table(["Property", "Value"], [
+        ["OS", env["os"]], ["Python", env["python"]], ["PyTorch", env["torch"]],
+        ["CUDA Available", str(env["cuda_available"])], ["CUDA Version", str(env["cuda_version"])],
+        ["cuDNN Version", str(env["cudnn_version"])], ["GPU", str(env["gpu_name"])], ["CPU", env["cpu_model"]],
+        ["Torch Threads", str(env["torch_threads"])], ["transformers", str(env["transformers"])],
+        ["ultralytics", str(env["ultralytics"])], ["Device", env["device"]], ["Random Seed", str(RANDOM_SEED)]])
+    md += ["## Benchmark Configuration", "",
+           f"- Weights: **{cfg.weights}**" + (" (seeded random initialisation: timings are real, outputs are not)"
+                                              if cfg.weights == "random" else ""),
+           f"- Test Images: {len(cfg.images)} from {cfg.image_source}: " + ", ".join(p.name for p in cfg.images),
+           f"- Inference Runs per Image: {cfg.runs} (no warm-up: the first run is the cold start)",
+           f"- Total Inference Runs per Model: {len(cfg.images) * cfg.runs}",
+           f"- Total Execution Time: {payload['total_execution_time_sec']:.2f}s",
+           "- Timing: the forward pass alone, perf_counter with CUDA synchronisation; preprocessing and "
+           "postprocessing are timed separately below.",
+           f"- Memory: {'CUDA allocated memory' if cfg.device.type == 'cuda' else 'process RSS'}; the peak is "
+           "the true peak of each run (peak counters reset before every run).", ""]
+    md += ["## Results", ""] + table(
+        ["Model", "Load Time (s)", "Avg Inference (s)", "Std (s)", "FPS", "Peak Memory (MB)", "Parameters", "Layers"],
+        [[r["model_name"], fmt(r["load_time_sec"], ".2f"), fmt(r["avg_inference_sec"]), fmt(r["std_inference_sec"]),
+          fmt(r["fps_avg"], ".2f"), fmt(r["mem_peak_mb"], ".0f"), f"{r['total_params']:,}",
+          str(r["total_layers_dissected"])] for r in ok])
+    md += ["## Latency Detail", ""] + table(
+        ["Model", "Cold (s)", "Warm median (s)", "Warm p90 (s)", "Warm p99 (s)", "Preprocess (s)",
+         "Postprocess (s)", "Input shape"],
+        [[r["model_name"], fmt(r["cold_inference_sec"]), fmt(r["warm_median_sec"]), fmt(r["warm_p90_sec"]),
+          fmt(r["warm_p99_sec"]), fmt(r["preprocess_avg_sec"]), fmt(r["postprocess_avg_sec"]),
+          "x".join(map(str, r["input_shape"] or []))] for r in ok])
+    md += ["## Memory (MB)", ""] + table(
+        ["Model", "Kind", "Before load", "After load", "Peak", "After cleanup", "Not returned", "Peak RSS"],
+        [[r["model_name"], r["mem_kind"], fmt(r["mem_before_mb"], ".0f"), fmt(r["mem_after_load_mb"], ".0f"),
+          fmt(r["mem_peak_mb"], ".0f"), fmt(r["mem_after_cleanup_mb"], ".0f"), fmt(r["mem_not_returned_mb"], "+.0f"),
+          fmt(r["rss_peak_mb"], ".0f")] for r in ok])
+    md += ["## Weights and Preprocessing", ""] + table(
+        ["Model", "Weights", "Backend", "Preprocessing", "Notes"],
+        [[r["model_name"], r["weights_source"], r["backend"], r["preprocess_note"], "; ".join(r["notes"]) or "-"]
+         for r in ok])
+    others = [r for r in results if r["status"] != "ok"]
+    if others:
+        md += ["## Skipped and Failed Models", ""] + table(
+            ["Model", "Status", "Reason"], [[r["class_name"], r["status"], r["error"].replace("|", "/")] for r in others])
+    if ok:
+        fastest = min(ok, key=lambda x: x["avg_inference_sec"])
+        slowest = max(ok, key=lambda x: x["avg_inference_sec"])
+        most_memory = max(ok, key=lambda x: x["mem_peak_mb"] or 0)
+        most_params = max(ok, key=lambda x: x["total_params"])
+        md += ["## Analysis", "",
+               f"- **Fastest Model:** {fastest['model_name']} ({fastest['avg_inference_sec']:.3f}s, {fastest['fps_avg']:.2f} FPS)",
+               f"- **Slowest Model:** {slowest['model_name']} ({slowest['avg_inference_sec']:.3f}s, {slowest['fps_avg']:.2f} FPS)",
+               f"- **Most Memory Intensive:** {most_memory['model_name']} ({fmt(most_memory['mem_peak_mb'], '.0f')} MB)",
+               f"- **Most Parameters:** {most_params['model_name']} ({most_params['total_params']:,})", ""]
+    dissected = [r for r in ok if r.get("viz_dir")]
+    md += ["## Visualizations", ""]
+    if not dissected:
+        md += ["Layer dissection was not run (--no-dissect).", ""]
+    for r in dissected:
+        rel = f"../viz/{cfg.timestamp}/{r['class_name']}"
+        md += [f"### {r['class_name']}", "",
+               f"- Folder: [`viz/{cfg.timestamp}/{r['class_name']}/`]({rel}/) ({r['total_layers_dissected']} layer "
+               f"outputs, {format_bytes(r['dissect_bytes_written'])}, {r['dissect_time_sec']:.2f}s, {r['dissect_mode']})",
+               f"- Metadata: [`layers_metadata.json`]({rel}/layers_metadata.json)", "",
+               f"![{r['class_name']} overview]({rel}/overview.png)", ""]
+    return "\n".join(md) + "\n"
+
+
+def generate_reports(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float) -> list[Path]:
+    """Write the JSON, CSV and Markdown reports, each atomically."""
+    payload = report_payload(outcome, cfg, total_time_sec)
+    paths = [cfg.results_dir / f"benchmark_results_{cfg.timestamp}.json",
+             cfg.results_dir / f"benchmark_summary_{cfg.timestamp}.csv",
+             cfg.results_dir / f"benchmark_report_{cfg.timestamp}.md"]
+    texts = [json.dumps(payload, indent=2, default=str), csv_text(outcome.results), markdown_text(payload, cfg)]
+    for path, text in zip(paths, texts):
+        atomic_write_text(path, text)
+    return paths
+
+
+def print_summary(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, paths: list[Path]) -> None:
+    done = [r for r in outcome.results if r["status"] == "ok"]
+    banner("BENCHMARK COMPLETE" if outcome.complete and outcome.exit_code == EXIT_OK else "BENCHMARK INCOMPLETE")
+    log(f"Models Benchmarked: {len(done)}", "")
+    for r in outcome.results:
+        if r["status"] != "ok":
+            log(f"  {r['class_name']}: {r['status']}", "")
+    log(f"Test Images: {len(cfg.images)}", "")
+    log(f"Inference Runs per Image: {cfg.runs}", "")
+    log(f"Total Inference Runs: {len(cfg.images) * cfg.runs * len(done)}", "")
+    log(f"Total Execution Time: {total_time_sec:.2f}s", "")
+    log("", "")
+    log("Output Files:", "")
+    for path in paths:
+        log(f"  - {path}", "")
+    if cfg.dissect and done:
+        log("", "")
+        log("Visualizations:", "")
+        log(f"  - {cfg.viz_dir}/", "")
+    log("=" * 80, "")
+
+
+# --------------------------------------------------------------------------------------
+# CLI and main
+# --------------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number; give a positive integer like 5") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive; give a positive integer like 5")
+    return value
+
+
+def device_name(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device. Valid: auto, cpu, cuda, cuda:N")
+    return text.strip().lower()
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="unified_benchmark.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="Models: " + ", ".join(c.SHORT_NAME for c in MODEL_REGISTRY) + ". "
+                                   "Exit codes: 0 ok, 1 a model failed, 2 usage or input problem, "
+                                   "3 another run holds the output folder, 130/143 interrupted.")
+    parser.add_argument("--models", help="comma-separated model names or class names (default: all eight)")
+    parser.add_argument("--images", type=Path, help="folder of .jpg/.jpeg/.png images (default: test_data/)")
+    parser.add_argument("--runs", type=positive_int, default=NUM_INFERENCE_RUNS,
+                        help=f"inference runs per image (default {NUM_INFERENCE_RUNS})")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--weights", choices=["pretrained", "random"], default="pretrained",
+                        help="pretrained checkpoints, or the exact architectures with seeded random weights")
+    parser.add_argument("--models-dir", type=Path, default=SCRIPT_DIR / "models",
+                        help="weight files for YOLO, SAM and the official DA-V2 (default: models/)")
+    parser.add_argument("--output-dir", type=Path, default=SCRIPT_DIR,
+                        help="where results/ and viz/ go (default: the script's folder)")
+    parser.add_argument("--no-dissect", action="store_true", help="skip layer dissection")
+    parser.add_argument("--dissect-mode", choices=LayerDissector.MODES, default="single-pass",
+                        help="single-pass (default): one forward with hooks on every leaf; "
+                             "per-layer: the spec's one forward per leaf module")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="record a failed model in the reports and continue (default: fail fast)")
+    parser.add_argument("--list", action="store_true", help="list the models and whether each is available now")
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            log("Using CUDA device")
+            return torch.device("cuda")
+        log("CUDA not available, falling back to CPU. Performance will be significantly slower.", "WARNING")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}). Use --device cpu or --device auto")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+def check_requirements(benches: list[ModelBenchmark]) -> dict[str, list[str]]:
+    """Per class name, the problems that stop it (missing and not downloadable)."""
+    needs = {type(b).__name__: b.requirements() for b in benches}
+    hosts = sorted({r.host for rs in needs.values() for r in rs if not r.present and r.host})
+    reachable = host_reachable(hosts) if hosts and network_allowed() else {h: False for h in hosts}
+    problems: dict[str, list[str]] = {}
+    for name, reqs in needs.items():
+        for r in reqs:
+            if r.present or (r.host and reachable[r.host]):
+                continue
+            offline = f" and {r.host} is unreachable" if r.host else ""
+            problems.setdefault(name, []).append(f"{r.kind} {r.name} is missing{offline}: {r.fix}")
+    return problems
+
+
+def preflight(classes: list[type[ModelBenchmark]], args: argparse.Namespace, device: torch.device) -> dict[str, str]:
+    """Check every selected model's needs at once; DA-V2 problems become skips (the spec)."""
+    benches = [cls(device, args.weights, args.models_dir) for cls in classes]
+    problems = check_requirements(benches)
+    skips, fatal = {}, []
+    for bench in benches:
+        name = type(bench).__name__
+        for problem in problems.get(name, []):
+            if isinstance(bench, SKIPPABLE):
+                skips[name] = problem
+                log(f"{name} will be skipped: {problem}", "WARNING")
+            else:
+                fatal.append(f"{name}: {problem}")
+    if fatal:
+        raise UsageError(f"preflight found {len(fatal)} problem(s); nothing was run:\n  - " + "\n  - ".join(fatal))
+    if len(skips) == len(classes):
+        raise UsageError("every selected model would be skipped; nothing to benchmark (see the warnings above)")
+    return skips
+
+
+def print_model_list(args: argparse.Namespace) -> None:
+    device = torch.device("cpu")
+    benches = [cls(device, args.weights, args.models_dir) for cls in MODEL_REGISTRY]
+    problems = check_requirements(benches)
+    log(f"{'name':<16}{'class':<32}{'input':>6}  {'weights (' + args.weights + ')':<48}available", "")
+    for bench in benches:
+        source = ("random (seeded)" if args.weights == "random" else
+                  getattr(bench, "MODEL_ID", "") if isinstance(bench, HFDepthBenchmark) else str(bench.weight_path))
+        name = type(bench).__name__
+        status = "yes" if name not in problems else "no: " + problems[name][0]
+        log(f"{bench.SHORT_NAME:<16}{name:<32}{bench.INPUT_SIZE:>6}  {source:<48}{status}", "")
+
+
+def prepare_output(output_dir: Path, dissect: bool) -> None:
+    """Create results/ (and viz/) and prove they are writable before any model runs."""
+    folders = [output_dir / "results"] + ([output_dir / "viz"] if dissect else [])
+    for folder in folders:
+        probe = folder / f".write-probe-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise OutputError(f"output folder {folder} is not writable: {e.strerror or e}. "
+                              f"Fix its permissions or pass --output-dir DIR") from e
+
+
+class RunLock:
+    """One run per output folder (cron overlap); the kernel drops the lock of a killed run."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_FILE_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot create lock file {self.path}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("ascii", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise LockedError(f"another vision-bench run holds {self.path.parent} ({holder}); "
+                              f"wait for it to finish or use another --output-dir") from None
+        stale = os.pread(fd, 4096, 0).decode("ascii", "replace").strip()
+        if stale:
+            log(f"Taking over a stale lock left by a run that ended without releasing it ({stale})", "WARNING")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now().isoformat(timespec='seconds')}"
+                      .encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)  # an empty lock file means a clean exit
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def claim_timestamp(output_dir: Path) -> str:
+    """A timestamp no earlier run used in this folder (two runs in one second: wait a second)."""
+    while True:
+        stamp = get_timestamp()
+        taken = (output_dir / "viz" / stamp).exists() or any((output_dir / "results").glob(f"*_{stamp}.*"))
+        if not taken:
+            return stamp
+        time.sleep(1.0 - datetime.now().microsecond / 1e6 + 0.01)
+
+
+@contextlib.contextmanager
+def termination_signals():
+    """SIGTERM (a cron timeout) raises RunInterrupted so cleanup runs; restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise RunInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class AsciiStream(io.TextIOBase):
+    """Wraps stdout/stderr: strips ANSI colours and replaces non-ASCII (emojis) with '?'."""
+
+    ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(self.ANSI.sub("", text).encode("ascii", "replace").decode("ascii"))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False  # libraries then print no colours
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+
+@contextlib.contextmanager
+def plain_output():
+    """Plain ASCII output from us and from third-party libraries, restored afterwards."""
+    os.environ.setdefault("YOLO_VERBOSE", "False")       # read when ultralytics is first imported
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import logging
+
+    logging.getLogger("ultralytics").setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = AsciiStream(stdout), AsciiStream(stderr)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def run(args: argparse.Namespace) -> int:
+    classes = resolve_models(args.models)
+    if args.list:
+        print_model_list(args)
+        return EXIT_OK
+    device = resolve_device(args.device)
+    images, image_source = discover_images(args.images)
+    skips = preflight(classes, args, device)
+    output_dir = args.output_dir.resolve()
+    prepare_output(output_dir, not args.no_dissect)
+    lock = RunLock(output_dir)
+    lock.acquire()
+    try:
+        cfg = RunConfig(models=classes, images=images, image_source=image_source, runs=args.runs, device=device,
+                        weights=args.weights, models_dir=args.models_dir, output_dir=output_dir,
+                        dissect=not args.no_dissect, dissect_mode=args.dissect_mode, keep_going=args.keep_going,
+                        timestamp=claim_timestamp(output_dir), skips=skips)
+        log(f"Run {cfg.timestamp}: {len(classes)} model(s), {len(images)} image(s), {cfg.runs} run(s) per image, "
+            f"{cfg.weights} weights, device {device}")
+        start = time.perf_counter()
+        with termination_signals():
+            outcome = run_benchmark(cfg)
+        total_time_sec = time.perf_counter() - start
+        if outcome.complete or cfg.keep_going:
+            paths = generate_reports(outcome, cfg, total_time_sec)
+            print_summary(outcome, cfg, total_time_sec, paths)
+        else:
+            log("No reports written (fail-fast: the spec saves no partial results; --keep-going records failures)",
+                "ERROR")
+        return outcome.exit_code
+    finally:
+        lock.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    with plain_output():
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
+        except BenchError as e:
+            log(str(e), "ERROR")
+            return e.exit_code
+        try:
+            return run(args)
+        except BenchError as e:
+            log(str(e), "ERROR")
+            return e.exit_code
+        except KeyboardInterrupt:
+            log("Interrupted (SIGINT)", "ERROR")
+            return EXIT_SIGINT
+        except RunInterrupted as e:
+            log(f"Interrupted ({e})", "ERROR")
+            return EXIT_SIGTERM
+
+
+if __name__ == "__main__":
+    sys.exit(main())
