@@ -1002,9 +1002,9 @@ class DepthProBenchmark(HFDepthBenchmark):
     def _config(self):
         from transformers import DepthProConfig
 
-        if self.reduced:  # tests: same structure, tiny encoders and fusion
-            vit = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=384, patch_size=16)
-            return DepthProConfig(use_fov_model=True, image_model_config=dinov2_config(**vit),
+        if self.reduced:  # tests: same structure, tiny encoders and fusion, 768-px input (192-px patches)
+            vit = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=192, patch_size=16)
+            return DepthProConfig(use_fov_model=True, patch_size=192, image_model_config=dinov2_config(**vit),
                                   patch_model_config=dinov2_config(**vit), fov_model_config=dinov2_config(**vit),
                                   fusion_hidden_size=32, intermediate_hook_ids=[1, 0],
                                   intermediate_feature_dims=[32, 32], scaled_images_feature_dims=[64, 64, 32])
@@ -1013,7 +1013,8 @@ class DepthProBenchmark(HFDepthBenchmark):
                               patch_model_config=dinov2_config(**vit), fov_model_config=dinov2_config(**vit))
 
     def _random_processor(self):
-        return fast_processor("DepthProImageProcessor")()  # its defaults are the hub's settings
+        size = {"height": 768, "width": 768} if self.reduced else {"height": 1536, "width": 1536}
+        return fast_processor("DepthProImageProcessor")(size=size)  # other defaults equal the hub's
 
 
 def fast_processor(name: str):

@@ -1,0 +1,72 @@
+"""Shared fixtures: real photos, small output folders, and a main() runner.
+
+Tests never touch the network: HF_HUB_OFFLINE=1 is set for the whole session, and the
+heaviest architectures run in their reduced configuration (VISION_BENCH_REDUCED_CONFIG=1,
+documented in the README); full-size ones are checked on the meta device.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["YOLO_VERBOSE"] = "False"
+os.environ["VISION_BENCH_REDUCED_CONFIG"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import unified_benchmark as ub  # noqa: E402
+from ultralytics.utils import ASSETS  # noqa: E402
+
+BUS = Path(ASSETS) / "bus.jpg"
+ZIDANE = Path(ASSETS) / "zidane.jpg"
+
+
+@pytest.fixture
+def bus_image() -> Image.Image:
+    return ub.decode_image(BUS)
+
+
+@pytest.fixture
+def one_image_dir(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(BUS, folder / "bus.jpg")
+    return folder
+
+
+@pytest.fixture
+def two_image_dir(one_image_dir) -> Path:
+    shutil.copy(ZIDANE, one_image_dir / "zidane.jpg")
+    return one_image_dir
+
+
+@pytest.fixture
+def cpu() -> torch.device:
+    return torch.device("cpu")
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """main() in this process; returns the exit code and everything printed."""
+    code = ub.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """The program as a user runs it, in a fresh process."""
+    return subprocess.run([sys.executable, str(REPO / "unified_benchmark.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, **kwargs)
+
+
+def load_report(output_dir: Path) -> dict:
+    (path,) = sorted((output_dir / "results").glob("benchmark_results_*.json"))[-1:]
+    return json.loads(path.read_text())

@@ -1,0 +1,169 @@
+"""The eight real architectures: full-size parameter counts, random-weight inference on a
+real photo, and the pretrained loading paths against checkpoints written here."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import BUS, load_report, run_cli, run_main, ub
+
+# Parameters of the real architectures, counted from the libraries' own builders.
+FULL_SIZE_PARAMS = {
+    "DepthProBenchmark": 951_994_402,               # 952.0M
+    "DepthAnythingV2SmallBenchmark": 24_785_089,    # 24.8M
+    "DepthAnythingV2BaseBenchmark": 97_470_785,     # 97.5M
+    "DepthAnythingV2LargeBenchmark": 335_315_649,   # 335.3M
+    "YOLO11nDetectBenchmark": 2_624_080,            # 2.62M
+    "YOLO11nSegmentBenchmark": 2_876_848,           # 2.88M
+    "YOLO11nPoseBenchmark": 2_874_462,              # 2.87M: nc=1 as in yolo11n-pose.pt (README)
+    "MobileSAMBenchmark": 10_130_092,               # 10.13M
+}
+BY_NAME = {cls.__name__: cls for cls in ub.MODEL_REGISTRY}
+
+
+def full_size_model(cls, monkeypatch):
+    """Build the full-size random architecture; transformers models on the meta device."""
+    monkeypatch.delenv(ub.REDUCED_CONFIG_ENV, raising=False)
+    bench = cls(torch.device("cpu"), "random")
+    if isinstance(bench, ub.HFDepthBenchmark):
+        import transformers
+
+        with torch.device("meta"):
+            return getattr(transformers, cls.MODEL_CLASS)(bench._config())
+    return bench._build_random()
+
+
+@pytest.mark.parametrize("name", FULL_SIZE_PARAMS)
+def test_full_size_parameter_counts(name, monkeypatch):
+    model = full_size_model(BY_NAME[name], monkeypatch)
+    assert sum(p.numel() for p in model.parameters()) == FULL_SIZE_PARAMS[name]
+
+
+def test_depthpro_full_size_has_956_leaf_modules(monkeypatch):
+    model = full_size_model(ub.DepthProBenchmark, monkeypatch)
+    assert sum(1 for m in model.modules() if next(m.children(), None) is None) == 956
+
+
+def test_registry_holds_the_eight_models_in_the_spec_order():
+    assert [c.SHORT_NAME for c in ub.MODEL_REGISTRY] == [
+        "depthpro", "dav2-small", "dav2-base", "dav2-large",
+        "yolo11n-detect", "yolo11n-seg", "yolo11n-pose", "mobilesam"]
+    assert ub.resolve_models("DepthProBenchmark,YOLO11N-DETECT") == [ub.DepthProBenchmark, ub.YOLO11nDetectBenchmark]
+
+
+def check_task_output(bench, result, image):
+    """Each postprocess returns a real task result at the image's size."""
+    if isinstance(bench, ub.HFDepthBenchmark):
+        depth = result[0]["predicted_depth"]
+        assert tuple(depth.shape) == (image.height, image.width)
+        assert torch.isfinite(depth).all()
+    elif isinstance(bench, ub.YOLO11Benchmark):
+        det, masks = result
+        assert det.ndim == 2 and det.shape[1] >= 6
+        if isinstance(bench, ub.YOLO11nPoseBenchmark):
+            assert det.shape[1] == 6 + 17 * 3
+    else:
+        assert result.shape == (1, 1, image.height, image.width) and result.dtype == torch.bool
+
+
+@pytest.mark.parametrize("name", FULL_SIZE_PARAMS)
+def test_random_weights_load_and_infer_on_a_real_photo(name, bus_image, cpu):
+    bench = BY_NAME[name](cpu, "random")
+    bench.load()
+    timing = bench.infer(bus_image)
+    assert timing["inference_sec"] > 0 and timing["preprocess_sec"] > 0 and timing["postprocess_sec"] > 0
+    assert timing["peak_rss_mb"] > 0
+    with torch.inference_mode():
+        result = bench.postprocess(bench.forward(bench.preprocess(bus_image)), bus_image)
+    check_task_output(bench, result, bus_image)
+    bench.record_input_shape(bus_image)
+    info = bench.get_info()
+    assert info["input_shape"][0] == 1 and info["input_shape"][1] == 3
+    if not bench.reduced:
+        assert info["total_params"] == FULL_SIZE_PARAMS[name]
+        assert max(info["input_shape"][-2:]) == bench.INPUT_SIZE or bench.SHORT_NAME.startswith("dav2")
+    bench.cleanup()
+    assert bench.model is None
+
+
+# -- the pretrained loading paths, offline, against checkpoints written here ----------------
+
+
+def write_yolo_checkpoint(cls, path):
+    """An Ultralytics checkpoint of the real architecture (as Ultralytics stores it: half precision)."""
+    model = cls(torch.device("cpu"), "random")._build_random()
+    torch.save({"model": model.half(), "train_args": {}}, path)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", [ub.YOLO11nDetectBenchmark, ub.YOLO11nSegmentBenchmark, ub.YOLO11nPoseBenchmark])
+def test_yolo_pretrained_path_loads_a_local_checkpoint(cls, tmp_path, bus_image, cpu):
+    params = write_yolo_checkpoint(cls, tmp_path / cls.MODEL_PATH)
+    bench = cls(cpu, "pretrained", tmp_path)
+    assert all(r.present for r in bench.requirements())
+    bench.load()
+    assert bench.weight_source == str(tmp_path / cls.MODEL_PATH)
+    assert sum(p.numel() for p in bench.model.parameters()) == params
+    assert bench.infer(bus_image)["inference_sec"] > 0
+
+
+def test_mobilesam_pretrained_path_loads_a_state_dict(tmp_path, bus_image, cpu):
+    from ultralytics.models.sam.build import build_mobile_sam
+
+    torch.manual_seed(7)
+    reference = build_mobile_sam()
+    torch.save(reference.state_dict(), tmp_path / "mobile_sam.pt")
+    bench = ub.MobileSAMBenchmark(cpu, "pretrained", tmp_path)
+    bench.load()
+    key = "mask_decoder.iou_prediction_head.layers.0.weight"
+    assert torch.equal(bench.model.state_dict()[key], reference.state_dict()[key])
+    assert bench.infer(bus_image)["inference_sec"] > 0
+
+
+def write_hub_snapshot(cache, cls, monkeypatch):
+    """Save a reduced model with save_pretrained where the HF cache keeps hub id cls.MODEL_ID."""
+    monkeypatch.setenv(ub.REDUCED_CONFIG_ENV, "1")
+    bench = cls(torch.device("cpu"), "random")
+    bench.load()
+    repo = cache / ("models--" + cls.MODEL_ID.replace("/", "--"))
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    bench.model.save_pretrained(snapshot)
+    bench.processor.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    return sum(p.numel() for p in bench.model.parameters())
+
+
+def test_transformers_pretrained_path_loads_from_the_hf_cache(tmp_path, one_image_dir, monkeypatch):
+    """DepthPro and DA-V2 through from_pretrained, as a user's run does, from a cache written here."""
+    cache = tmp_path / "hf-cache"
+    params = {cls.__name__: write_hub_snapshot(cache, cls, monkeypatch)
+              for cls in (ub.DepthProBenchmark, ub.DepthAnythingV2SmallBenchmark)}
+    out = tmp_path / "out"
+    proc = run_cli("--models", "depthpro,dav2-small", "--runs", "1", "--no-dissect", "--images", one_image_dir,
+                   "--output-dir", out, env={"HF_HUB_CACHE": str(cache), ub.REDUCED_CONFIG_ENV: "0"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["class_name"]: r for r in load_report(out)["results"]}
+    for name, count in params.items():
+        assert rows[name]["status"] == "ok"
+        assert rows[name]["weights_source"].startswith("huggingface:")
+        assert rows[name]["total_params"] == count
+    assert rows["DepthProBenchmark"]["input_shape"] == [1, 3, 768, 768]  # the saved processor's size
+
+
+def test_dav2_with_wrong_features_fails_clearly(tmp_path, one_image_dir, monkeypatch):
+    """A checkpoint whose fusion/neck widths differ from the spec's config is refused."""
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv(ub.REDUCED_CONFIG_ENV, "1")
+    bench = ub.DepthAnythingV2LargeBenchmark(torch.device("cpu"), "random")
+    bench.load()  # reduced: Small's widths under the Large hub id
+    repo = cache / ("models--" + ub.DepthAnythingV2LargeBenchmark.MODEL_ID.replace("/", "--"))
+    bench.model.save_pretrained(repo / "snapshots" / "abc")
+    bench.processor.save_pretrained(repo / "snapshots" / "abc")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    proc = run_cli("--models", "dav2-large", "--runs", "1", "--no-dissect", "--images", one_image_dir,
+                   "--output-dir", tmp_path / "out", env={"HF_HUB_CACHE": str(cache)})
+    assert proc.returncode == 1
+    assert "features/out_channels" in proc.stdout and "Depth-Anything-V2-Large-hf" in proc.stdout
