@@ -1,0 +1,171 @@
+"""Layer dissection: every call of every leaf, numbering, pictures, both modes, hook safety."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from conftest import ub
+
+
+class TinyNet(torch.nn.Module):
+    """Conv layers sharing one in-place ReLU (NOTES.md 7 and 8), a token layer and a never-run module."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(3, 20, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(20, 6, 3, padding=1)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.proj = torch.nn.Linear(6, 10)
+        self.unused = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        x = self.act(self.conv1(x))
+        x = self.act(self.conv2(x))
+        tokens = torch.cat([x.mean((2, 3))[:, None], x.flatten(2).transpose(1, 2)], 1)  # class token + 8x8 grid
+        return self.proj(tokens), x.argmax(1)
+
+
+def dissect(tmp_path, mode, model=None, name="d"):
+    model = model or TinyNet().eval()
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    dissector = ub.LayerDissector(model, tmp_path / name, token_grids=[(8, 8)], verbose=False)
+    return dissector.run(lambda: model(x), mode), tmp_path / name
+
+
+def test_every_call_is_captured_in_execution_order(tmp_path):
+    summary, _ = dissect(tmp_path, "single-pass")
+    layers = summary["layers"]
+    assert [(l["name"], l["call"]) for l in layers] == [
+        ("conv1", 1), ("act", 1), ("conv2", 1), ("act", 2), ("proj", 1)]
+    assert [l["index"] for l in layers] == [1, 2, 3, 4, 5]
+    assert summary["modules_never_run"] == ["unused"]
+    assert summary["total_leaf_modules"] == 5
+
+
+def test_inplace_activation_does_not_change_the_captured_conv_output(tmp_path):
+    """conv1's output is overwritten by ReLU(inplace=True) after the hook: the file must keep the pre-ReLU data."""
+    _, folder = dissect(tmp_path, "single-pass")
+    conv1 = np.load(folder / "layer_001.npy")
+    assert conv1.min() < 0  # a ReLU'd copy would have no negative value
+
+
+def test_token_outputs_are_reshaped_to_their_grid(tmp_path):
+    summary, folder = dissect(tmp_path, "single-pass")
+    proj = summary["layers"][4]
+    assert proj["shape"] == [1, 65, 10]
+    assert proj["reshaped_from_tokens"] == {"tokens": 65, "leading_tokens_dropped": 1, "grid": [8, 8]}
+    assert np.load(folder / "layer_005.npy").shape == (1, 8, 8, 8)
+
+
+def test_both_modes_write_identical_arrays(tmp_path):
+    single, a = dissect(tmp_path, "single-pass", name="single")
+    per_layer, b = dissect(tmp_path, "per-layer", name="per-layer")
+    strip = lambda s: [{k: v for k, v in l.items()} for l in s["layers"]]  # noqa: E731
+    assert strip(single) == strip(per_layer)
+    files = sorted(p.name for p in a.glob("layer_*.npy"))
+    assert files == sorted(p.name for p in b.glob("layer_*.npy")) and len(files) == 5
+    for name in files:
+        np.testing.assert_array_equal(np.load(a / name), np.load(b / name))
+
+
+def test_png_grid_layout(tmp_path):
+    _, folder = dissect(tmp_path, "single-pass")
+    grid = Image.open(folder / "layer_001.png")  # 20 channels of 8x8: the first 16 as 4x4
+    assert grid.mode == "L" and grid.size == (4 * 8, 4 * 8)
+    assert np.asarray(grid).dtype == np.uint8
+    assert np.load(folder / "layer_001.npy").shape == (1, 8, 8, 8)  # first 8 channels
+    six = Image.open(folder / "layer_003.png")  # 6 channels: 4 columns, 2 rows
+    assert six.size == (4 * 8, 2 * 8)
+    assert np.load(folder / "layer_003.npy").shape == (1, 6, 8, 8)
+    tile = np.asarray(grid)[:8, :8]
+    assert tile.min() == 0 and tile.max() == 255  # each channel min-max normalised on its own
+
+
+def test_metadata_fields_are_complete(tmp_path):
+    summary, folder = dissect(tmp_path, "single-pass")
+    fields = {"index", "name", "type", "call", "shape", "dtype", "min", "max", "mean", "std", "sparsity",
+              "container", "files", "reshaped_from_tokens"}
+    for layer in summary["layers"]:
+        assert fields <= set(layer)
+    act = summary["layers"][1]
+    assert act["type"] == "ReLU" and act["sparsity"] > 0 and act["min"] == 0.0
+    for key in ("total_outputs", "total_files", "bytes_written", "seconds", "seconds_forward",
+                "seconds_statistics", "seconds_file_writing", "modules_never_run", "dissect_mode"):
+        assert key in summary
+    assert summary["bytes_written"] == sum(p.stat().st_size for p in folder.iterdir())
+    assert (folder / "overview.png").is_file() and summary["overview"] == "overview.png"
+
+
+class ManyCalls(torch.nn.Module):
+    """One shared module called 1,200 times: more outputs than the 3-digit padding holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = torch.nn.Tanh()
+
+    def forward(self, x):
+        for _ in range(1200):
+            x = self.act(x)
+        return x
+
+
+def test_padding_widens_to_the_total_count(tmp_path):
+    model = ManyCalls()
+    dissector = ub.LayerDissector(model, tmp_path / "many", token_grids=[], verbose=False)
+    summary = dissector.run(lambda: model(torch.rand(1, 1, 2, 2)))
+    names = sorted(p.name for p in (tmp_path / "many").glob("layer_*.png"))
+    assert len(names) == 1200 and names[0] == "layer_0001.png" and names[-1] == "layer_1200.png"
+    assert summary["layers"][998]["files"] == ["layer_0999.png", "layer_0999.npy"]
+
+
+def test_non_float_outputs_get_metadata_only(tmp_path):
+    class Argmax(torch.nn.Module):
+        def forward(self, x):
+            return x.argmax(1, keepdim=True)
+
+    model = torch.nn.Sequential(torch.nn.Identity(), Argmax())
+    dissector = ub.LayerDissector(model, tmp_path / "int", token_grids=[], verbose=False)
+    summary = dissector.run(lambda: model(torch.rand(1, 3, 4, 4)))
+    assert summary["layers"][1]["dtype"] == "int64" and summary["layers"][1]["files"] == []
+    assert "metadata only" in summary["layers"][1]["note"]
+
+
+def test_hooks_are_removed_after_an_error_inside_a_hook(tmp_path):
+    """A real write failure (a folder where layer_002.npy must go) surfaces inside a later hook."""
+    model = TinyNet().eval()
+    out = tmp_path / "broken"
+    (out / "layer_002.npy").mkdir(parents=True)
+    dissector = ub.LayerDissector(model, out, token_grids=[(8, 8)], verbose=False)
+    with pytest.raises(ub.OutputError, match="layer_002.npy"):
+        dissector.run(lambda: model(torch.rand(1, 3, 8, 8)))
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_yolo11n_detect_every_call_of_the_shared_silu(tmp_path, bus_image, cpu):
+    bench = ub.YOLO11nDetectBenchmark(cpu, "random")
+    bench.load()
+    bench.record_input_shape(bus_image)
+    summary = bench.dissect_layers(bus_image, tmp_path / "yolo", verbose=False)
+    assert summary["total_leaf_modules"] == 181 and summary["total_outputs"] == 259
+    silu = [l for l in summary["layers"] if l["type"] == "SiLU"]
+    assert len({l["name"] for l in silu}) < len(silu)  # one module object, many calls
+    assert [l["call"] for l in silu if l["name"] == silu[0]["name"]] == list(range(1, len(silu) + 1))
+    meta = json.dumps(summary)  # JSON-safe: no NaN
+    assert "NaN" not in meta
+
+
+def test_dav2_backbone_tokens_become_pictures(tmp_path, bus_image, cpu):
+    bench = ub.DepthAnythingV2SmallBenchmark(cpu, "random")
+    bench.load()
+    bench.record_input_shape(bus_image)
+    h, w = (s // 14 for s in bench.input_shape[-2:])
+    summary = bench.dissect_layers(bus_image, tmp_path / "dav2", verbose=False)
+    fc2 = next(l for l in summary["layers"] if l["name"] == "backbone.encoder.layer.0.mlp.fc2")
+    assert fc2["shape"] == [1, h * w + 1, 384]
+    assert fc2["reshaped_from_tokens"] == {"tokens": h * w + 1, "leading_tokens_dropped": 1, "grid": [h, w]}
+    assert np.load(tmp_path / "dav2" / fc2["files"][1]).shape == (1, 8, h, w)
+    reshaped = [l for l in summary["layers"] if l["reshaped_from_tokens"]]
+    assert len(reshaped) > len(summary["layers"]) / 2
