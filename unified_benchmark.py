@@ -219,6 +219,13 @@ def network_allowed() -> bool:
 # -- images ----------------------------------------------------------------------------
 
 
+def pil_open(path: Path) -> Image.Image:
+    """Pillow's own Image.open: importing Ultralytics replaces it with one that tries to
+    pip-install pi-heif when a file is not an image (a network call in the middle of a run)."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    return (getattr(patches, "_image_open", None) or Image.open)(path)
+
+
 def decode_image(path: Path) -> Image.Image:
     """Decode every pixel (verify() misses truncation) and return an upright RGB image.
 
@@ -228,7 +235,7 @@ def decode_image(path: Path) -> Image.Image:
         # Pillow only warns between 1x and 2x its pixel limit: treat both as a bomb.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as img:
+            with pil_open(path) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img)
