@@ -281,7 +281,7 @@ def discover_images(folder: Path | None) -> tuple[list[Path], str]:
         folder, source = Path(ASSETS), f"Ultralytics sample photos ({ASSETS})"
         candidates = find_images(folder)
     if not folder.is_dir():
-        raise UsageError(f"image folder {folder} does not exist: pass --images DIR with .jpg, .jpeg or .png files")
+        raise UsageError(f"image folder {folder} does not exist or is not a folder: pass --images DIR with .jpg, .jpeg or .png files")
     valid = []
     for path in candidates:
         try:
@@ -945,7 +945,7 @@ class HFDepthBenchmark(ModelBenchmark):
 
     def requirements(self) -> list[Requirement]:
         needs = [self._module_requirement("transformers", "'transformers>=4.50'")]
-        if self.weights == "pretrained":
+        if self.weights == "pretrained" and needs[0].present:  # the cache check needs huggingface_hub
             needs.append(self._hub_requirement(self.MODEL_ID))
         return needs
 
@@ -1070,9 +1070,12 @@ class DepthAnythingV2Benchmark(HFDepthBenchmark):
         if self.use_official:
             self.official = True
             return self._load_official()
-        if not hub_cached(self.MODEL_ID) and not (network_allowed() and host_reachable([HF_HOST])[HF_HOST]):
-            raise ModelUnavailable(f"{self.MODEL_ID} is not in the Hugging Face cache and the hub is unreachable")
-        model = super()._load_pretrained()
+        try:
+            model = super()._load_pretrained()
+        except OSError as e:  # the download failed (preflight saw the hub reachable): the spec's skip
+            if hub_cached(self.MODEL_ID):
+                raise
+            raise ModelUnavailable(f"{self.MODEL_ID} could not be downloaded: {e}") from e
         got = (model.config.fusion_hidden_size, list(model.config.neck_hidden_sizes))
         if got != (self.FEATURES, self.OUT_CHANNELS):
             raise BenchError(f"{self.MODEL_ID} has features/out_channels {got}, expected "
@@ -1994,8 +1997,9 @@ def run(args: argparse.Namespace) -> int:
             paths = generate_reports(outcome, cfg, total_time_sec)
             print_summary(outcome, cfg, total_time_sec, paths)
         else:
-            log("No reports written (fail-fast: the spec saves no partial results; --keep-going records failures)",
-                "ERROR")
+            why = f"interrupted by {outcome.interrupted_by}" if outcome.interrupted_by else "fail-fast"
+            log(f"No reports written ({why}: the spec saves no partial results; with --keep-going the "
+                f"finished models are reported)", "ERROR")
         return outcome.exit_code
     finally:
         lock.release()
