@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import csv
 import ctypes
-import errno
 import fcntl
 import gc
 import importlib
