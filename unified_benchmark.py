@@ -708,7 +708,7 @@ class LayerDissector:
             "total_leaf_modules": len(self.leaves),
             "total_outputs": len(self.records),
             "total_files": len(files),
-            "bytes_written": sum((self.out_dir / f).stat().st_size for f in files),
+            "bytes_written": self._writer.bytes_written + ((self.out_dir / overview).stat().st_size if overview else 0),
             "seconds": seconds,
             "seconds_forward": self.forward_sec,
             "seconds_statistics": self.stats_sec,
