@@ -416,6 +416,11 @@ def is_out_of_memory(error: BaseException) -> bool:
 # --------------------------------------------------------------------------------------
 
 
+def leaf_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Modules without children, each object once (a shared module is one leaf)."""
+    return [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
+
+
 def first_tensor(output: Any) -> tuple[torch.Tensor | None, str]:
     """The first tensor in a hook's output (the spec) and the container kind it came in."""
     if isinstance(output, torch.Tensor):
@@ -554,7 +559,7 @@ class LayerDissector:
     MODES = ("single-pass", "per-layer")
 
     def __init__(self, model: torch.nn.Module, out_dir: Path, token_grids: list[tuple[int, int]], verbose: bool = True):
-        self.leaves = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
+        self.leaves = leaf_modules(model)
         self.out_dir = out_dir
         self.token_grids = token_grids
         self.verbose = verbose
@@ -778,7 +783,7 @@ class ModelBenchmark(ABC):
         self.models_dir = Path(models_dir) if models_dir else SCRIPT_DIR / "models"
         self.model: torch.nn.Module | None = None
         self.processor: Any = None
-        self.weight_source = "random (seeded)" if weights == "random" else ""
+        self.weight_source = "random (seeded)" if weights == "random" else self.pretrained_source()
         self.input_shape: list[int] | None = None
         self.notes: list[str] = []
 
@@ -789,8 +794,12 @@ class ModelBenchmark(ABC):
         """Modules and weights needed for the current weights mode (preflight)."""
 
     @abstractmethod
+    def pretrained_source(self) -> str:
+        """Where the pretrained weights come from: a file path or a hub id."""
+
+    @abstractmethod
     def _load_pretrained(self) -> torch.nn.Module:
-        """Load the pretrained model (auto-downloading), set self.processor and weight_source."""
+        """Load the pretrained model (auto-downloading) and set self.processor."""
 
     @abstractmethod
     def _build_random(self) -> torch.nn.Module:
@@ -850,11 +859,11 @@ class ModelBenchmark(ABC):
     def dissect_layers(self, image: Image.Image, out_dir: Path, mode: str = "single-pass", verbose: bool = True) -> dict:
         """Capture every leaf module's output on one image (see LayerDissector)."""
         inputs = self.preprocess(image)
-        dissector = LayerDissector(self.model, out_dir, self.token_grids(self.input_shape or []), verbose)
+        grids = self.token_grids(list(first_tensor(inputs)[0].shape))
+        dissector = LayerDissector(self.model, out_dir, grids, verbose)
         try:
             return dissector.run(lambda: self.forward(inputs), mode)
         finally:
-            del inputs
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -874,7 +883,6 @@ class ModelBenchmark(ABC):
     def get_info(self) -> dict:
         """Model facts; call before cleanup() (NOTES.md 2)."""
         params = sum(p.numel() for p in self.model.parameters())
-        leaves = sum(1 for m in self.model.modules() if next(m.children(), None) is None)
         return {
             "model_name": self.MODEL_NAME,
             "class_name": type(self).__name__,
@@ -882,7 +890,7 @@ class ModelBenchmark(ABC):
             "input_size": self.INPUT_SIZE,
             "input_shape": self.input_shape,
             "total_params": params,
-            "leaf_modules": leaves,
+            "leaf_modules": len(leaf_modules(self.model)),
             "weights": self.weights,
             "weights_source": self.weight_source,
             "backend": f"{self.LIBRARY} {package_version(self.LIBRARY) or '?'}",
@@ -942,6 +950,9 @@ class HFDepthBenchmark(ModelBenchmark):
     MODEL_CLASS = ""          # transformers model class name
     MODEL_KWARGS: dict = {}
 
+    def pretrained_source(self) -> str:
+        return f"huggingface:{self.MODEL_ID}"
+
     def requirements(self) -> list[Requirement]:
         needs = [self._module_requirement("transformers", "'transformers>=4.50'")]
         if self.weights == "pretrained" and needs[0].present:  # the cache check needs huggingface_hub
@@ -954,9 +965,7 @@ class HFDepthBenchmark(ModelBenchmark):
         local = hub_cached(self.MODEL_ID)  # cached: no network round trip at all
         self.processor = transformers.AutoImageProcessor.from_pretrained(self.MODEL_ID, local_files_only=local)
         model_class = getattr(transformers, self.MODEL_CLASS)
-        model = model_class.from_pretrained(self.MODEL_ID, local_files_only=local, **self.MODEL_KWARGS)
-        self.weight_source = f"huggingface:{self.MODEL_ID}"
-        return model
+        return model_class.from_pretrained(self.MODEL_ID, local_files_only=local, **self.MODEL_KWARGS)
 
     def _build_random(self) -> torch.nn.Module:
         import transformers
@@ -1060,6 +1069,9 @@ class DepthAnythingV2Benchmark(HFDepthBenchmark):
         return (self.weights == "pretrained" and module_available("depth_anything_v2")
                 and self.official_checkpoint.is_file())
 
+    def pretrained_source(self) -> str:
+        return str(self.official_checkpoint) if self.use_official else super().pretrained_source()
+
     def requirements(self) -> list[Requirement]:
         if self.use_official:
             return [Requirement("file", str(self.official_checkpoint), True)]
@@ -1088,7 +1100,6 @@ class DepthAnythingV2Benchmark(HFDepthBenchmark):
         with self._weight_file_guard(self.official_checkpoint):
             model.load_state_dict(torch.load(self.official_checkpoint, map_location="cpu", weights_only=True))
         self.processor = self._random_processor()  # same resize/normalisation as the official image2tensor
-        self.weight_source = str(self.official_checkpoint)
         self.LIBRARY = "depth_anything_v2"
         return model
 
@@ -1164,6 +1175,9 @@ class UltralyticsBenchmark(ModelBenchmark):
     def weight_path(self) -> Path:
         return self.models_dir / self.MODEL_PATH
 
+    def pretrained_source(self) -> str:
+        return str(self.weight_path)
+
     def requirements(self) -> list[Requirement]:
         needs = [self._module_requirement("ultralytics", "'ultralytics>=8.3.0'")]
         if self.weights == "pretrained":
@@ -1173,9 +1187,7 @@ class UltralyticsBenchmark(ModelBenchmark):
     def _load_pretrained(self) -> torch.nn.Module:
         self.weight_path.parent.mkdir(parents=True, exist_ok=True)
         with self._weight_file_guard(self.weight_path):
-            model = self._load_file(str(self.weight_path))
-        self.weight_source = str(self.weight_path)
-        return model
+            return self._load_file(str(self.weight_path))
 
     @abstractmethod
     def _load_file(self, path: str) -> torch.nn.Module:
@@ -1840,13 +1852,11 @@ def print_model_list(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     benches = [cls(device, args.weights, args.models_dir) for cls in MODEL_REGISTRY]
     problems = check_requirements(benches)
-    log(f"{'name':<16}{'class':<32}{'input':>6}  {'weights (' + args.weights + ')':<48}available", "")
+    log(f"{'name':<16}{'class':<32}{'input':>6}  {'weights (' + args.weights + ')':<56} available", "")
     for bench in benches:
-        source = ("random (seeded)" if args.weights == "random" else
-                  getattr(bench, "MODEL_ID", "") if isinstance(bench, HFDepthBenchmark) else str(bench.weight_path))
         name = type(bench).__name__
         status = "yes" if name not in problems else "no: " + problems[name][0]
-        log(f"{bench.SHORT_NAME:<16}{name:<32}{bench.INPUT_SIZE:>6}  {source:<48}{status}", "")
+        log(f"{bench.SHORT_NAME:<16}{name:<32}{bench.INPUT_SIZE:>6}  {bench.weight_source:<56} {status}", "")
 
 
 def prepare_output(output_dir: Path, dissect: bool) -> None:

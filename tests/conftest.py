@@ -54,6 +54,13 @@ def cpu() -> torch.device:
     return torch.device("cpu")
 
 
+def write_yolo_checkpoint(cls, path: Path) -> int:
+    """An Ultralytics checkpoint of the real architecture (as Ultralytics stores it: half precision)."""
+    model = cls(torch.device("cpu"), "random")._build_random()
+    torch.save({"model": model.half(), "train_args": {}}, path)
+    return sum(p.numel() for p in model.parameters())
+
+
 def run_main(capsys, *args: str) -> tuple[int, str]:
     """main() in this process; returns the exit code and everything printed."""
     code = ub.main([str(a) for a in args])

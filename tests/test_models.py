@@ -1,12 +1,10 @@
 """The eight real architectures: full-size parameter counts, random-weight inference on a
 real photo, and the pretrained loading paths against checkpoints written here."""
 
-import os
-import shutil
 
 import pytest
 import torch
-from conftest import BUS, load_report, run_cli, run_main, ub
+from conftest import load_report, run_cli, ub, write_yolo_checkpoint
 
 # Parameters of the real architectures, counted from the libraries' own builders.
 FULL_SIZE_PARAMS = {
@@ -90,13 +88,6 @@ def test_random_weights_load_and_infer_on_a_real_photo(name, bus_image, cpu):
 # -- the pretrained loading paths, offline, against checkpoints written here ----------------
 
 
-def write_yolo_checkpoint(cls, path):
-    """An Ultralytics checkpoint of the real architecture (as Ultralytics stores it: half precision)."""
-    model = cls(torch.device("cpu"), "random")._build_random()
-    torch.save({"model": model.half(), "train_args": {}}, path)
-    return sum(p.numel() for p in model.parameters())
-
-
 @pytest.mark.parametrize("cls", [ub.YOLO11nDetectBenchmark, ub.YOLO11nSegmentBenchmark, ub.YOLO11nPoseBenchmark])
 def test_yolo_pretrained_path_loads_a_local_checkpoint(cls, tmp_path, bus_image, cpu):
     params = write_yolo_checkpoint(cls, tmp_path / cls.MODEL_PATH)
@@ -122,7 +113,11 @@ def test_mobilesam_pretrained_path_loads_a_state_dict(tmp_path, bus_image, cpu):
 
 
 def write_hub_snapshot(cache, cls, monkeypatch):
-    """Save a reduced model with save_pretrained where the HF cache keeps hub id cls.MODEL_ID."""
+    """Save a reduced model with save_pretrained where the HF cache keeps hub id cls.MODEL_ID.
+
+    Reduced DA-V2 Base/Large have the Small variant's widths: under their hub ids they are
+    checkpoints with the wrong features/out_channels.
+    """
     monkeypatch.setenv(ub.REDUCED_CONFIG_ENV, "1")
     bench = cls(torch.device("cpu"), "random")
     bench.load()
@@ -155,14 +150,7 @@ def test_transformers_pretrained_path_loads_from_the_hf_cache(tmp_path, one_imag
 def test_dav2_with_wrong_features_fails_clearly(tmp_path, one_image_dir, monkeypatch):
     """A checkpoint whose fusion/neck widths differ from the spec's config is refused."""
     cache = tmp_path / "hf-cache"
-    monkeypatch.setenv(ub.REDUCED_CONFIG_ENV, "1")
-    bench = ub.DepthAnythingV2LargeBenchmark(torch.device("cpu"), "random")
-    bench.load()  # reduced: Small's widths under the Large hub id
-    repo = cache / ("models--" + ub.DepthAnythingV2LargeBenchmark.MODEL_ID.replace("/", "--"))
-    bench.model.save_pretrained(repo / "snapshots" / "abc")
-    bench.processor.save_pretrained(repo / "snapshots" / "abc")
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("abc")
+    write_hub_snapshot(cache, ub.DepthAnythingV2LargeBenchmark, monkeypatch)
     proc = run_cli("--models", "dav2-large", "--runs", "1", "--no-dissect", "--images", one_image_dir,
                    "--output-dir", tmp_path / "out", env={"HF_HUB_CACHE": str(cache)})
     assert proc.returncode == 1

@@ -1,7 +1,6 @@
 """Bad input, faults and interruptions: real files, real signals, real unwritable paths."""
 
 import io
-import json
 import os
 import re
 import resource
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import BUS, REPO, load_report, run_cli, run_main, ub
+from conftest import BUS, REPO, load_report, run_cli, run_main, ub, write_yolo_checkpoint
 
 FAST = ["--weights", "random", "--models", "yolo11n-detect", "--runs", "1"]
 
@@ -98,8 +97,7 @@ def test_broken_weight_file_exits_1_naming_it(tmp_path, one_image_dir, capsys, c
     if content == "text":
         path.write_text("not a checkpoint")
     else:
-        model = ub.YOLO11nDetectBenchmark(torch.device("cpu"), "random")._build_random()
-        torch.save({"model": model.half(), "train_args": {}}, path)
+        write_yolo_checkpoint(ub.YOLO11nDetectBenchmark, path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
     code, text = run_main(capsys, "--models", "yolo11n-detect", "--runs", "1", "--images", one_image_dir,
                           "--models-dir", models, "--output-dir", tmp_path / "out")
