@@ -16,6 +16,7 @@ Importing this module has no side effects; main(argv) returns the exit code.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import ctypes
@@ -31,10 +32,13 @@ import platform
 import queue
 import random
 import re
+import selectors
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -60,7 +64,8 @@ RANDOM_SEED = 42                 # For reproducibility
 CLEANUP_SLEEP_SEC = 2            # Sleep duration between models for GPU cleanup
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"  # Folder/file naming format
 
-SCRIPT_DIR = Path(__file__).resolve().parent
+SCRIPT_PATH = Path(__file__).resolve()
+SCRIPT_DIR = SCRIPT_PATH.parent
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PNG_CHANNELS = 16                # channels drawn in a layer's PNG grid
 PNG_GRID_COLUMNS = 4
@@ -101,6 +106,10 @@ class UsageError(BenchError):
 
 class OutputError(BenchError):
     """Output folder not writable, disk full: exit 1 with the path and the error."""
+
+
+class DiskGuardStop(OutputError):
+    """Dissection stopped before the disk would fall under DISSECT_MIN_FREE_MB free."""
 
 
 class LockedError(BenchError):
@@ -167,6 +176,10 @@ def module_available(name: str) -> bool:
         return False
 
 
+def fmt(value: Any, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def to_mb(num_bytes: float | None) -> float | None:
     return None if num_bytes is None else num_bytes / 1024**2
 
@@ -180,7 +193,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write a whole file or nothing: temporary file in the same folder, fsync, rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="ascii", errors="replace", newline="") as f:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -260,7 +273,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def find_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as e:
+        raise UsageError(f"image folder {folder} cannot be listed ({e.strerror or e}): "
+                         f"fix its permissions or pass --images DIR") from None
 
 
 def discover_images(folder: Path | None) -> tuple[list[Path], str]:
@@ -382,33 +399,155 @@ class PeakMemory:
         return self.cuda_peak_mb if self.device.type == "cuda" else self.rss_peak_mb
 
 
-def latency_stats(times_sec: list[float]) -> dict[str, float | None]:
-    """The spec's avg/std/min/max/FPS, plus the cold (first) run and warm percentiles."""
-    arr = np.asarray(times_sec, dtype=np.float64)
-    avg = float(arr.mean())
-    std = float(arr.std())
-    warm = arr[1:]
-    pct = (lambda q: float(np.percentile(warm, q))) if warm.size else (lambda q: None)
-    fps = 1.0 / avg if avg > 0 else 0.0
-    return {
-        "avg_inference_sec": avg,
-        "std_inference_sec": std,
-        "min_inference_sec": float(arr.min()),
-        "max_inference_sec": float(arr.max()),
-        "fps_avg": fps,
-        "fps_std": fps * (std / avg) if avg > 0 else 0.0,
-        "cold_inference_sec": float(arr[0]),
-        "warm_median_sec": pct(50),
-        "warm_p90_sec": pct(90),
-        "warm_p99_sec": pct(99),
-    }
-
-
 def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
         return True
     text = str(error).lower()
     return "out of memory" in text or "can't allocate memory" in text
+
+
+def runtime_init(device: torch.device) -> None:
+    """Warm the runtime with tiny ops that are not the model (CUDA context, cuBLAS and cuDNN
+    handles, CPU thread pools), so none of that one-time work is charged to a model's cold start."""
+    if device.type == "cuda":
+        torch.cuda.init()
+        torch.cuda.set_device(device)
+    x = torch.randn(256, 256, device=device)
+    (x @ x).sum()
+    F.conv2d(torch.randn(1, 16, 64, 64, device=device), torch.randn(16, 16, 3, 3, device=device), padding=1)
+    sync(device)
+
+
+class ModuleCallCounter:
+    """Counts every nn.Module call in this process while active (a global forward pre-hook):
+    proves that no forward of the model ran before its cold run."""
+
+    def __enter__(self) -> "ModuleCallCounter":
+        self.count = 0
+        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._hook)
+        return self
+
+    def _hook(self, module, args) -> None:
+        self.count += 1
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def busy_cpu_sec(cpus: list[int]) -> float:
+    """CPU seconds spent busy (not idle, not waiting for I/O) on the given CPUs since boot."""
+    per_cpu = psutil.cpu_times(percpu=True)
+    busy = ("user", "nice", "system", "irq", "softirq", "steal")
+    return sum(getattr(per_cpu[i], f, 0.0) for i in cpus if i < len(per_cpu) for f in busy)
+
+
+def own_cpu_sec() -> float:
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
+class HostActivity:
+    """What else the machine did during a span: CPU time that other processes used on the
+    cores this process may run on, and the 1-minute load average at its end."""
+
+    def __enter__(self) -> "HostActivity":
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        self._start = (time.perf_counter(), busy_cpu_sec(self.cpus), own_cpu_sec())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall0, busy0, own0 = self._start
+        wall = max(time.perf_counter() - wall0, 1e-9)
+        self.other_cpu_sec = max(0.0, (busy_cpu_sec(self.cpus) - busy0) - (own_cpu_sec() - own0))
+        self.other_cpu_cores = self.other_cpu_sec / wall
+        self.load_avg_1min = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+# --------------------------------------------------------------------------------------
+# Statistics (pure functions: no model, no device)
+# --------------------------------------------------------------------------------------
+
+PERCENTILE_MIN_SAMPLES = {50: 1, 90: 10, 99: 100}  # below these a percentile is a maximum in disguise
+NOISE_MAX_IQR_REL = 0.10         # warm IQR / median above this: the figures are noisy
+NOISE_MAX_OTHER_CORES = 0.5      # other processes using more than half a core: noisy
+NOISE_MIN_IQR_SAMPLES = 4        # fewer warm samples give no meaningful IQR
+
+
+def percentile_or_none(values: list[float], q: int) -> float | None:
+    """The q-th percentile, or None when the samples cannot support it (PERCENTILE_MIN_SAMPLES)."""
+    return float(np.percentile(values, q)) if len(values) >= PERCENTILE_MIN_SAMPLES[q] else None
+
+
+def relative_warm_iqr(records: list[dict]) -> float | None:
+    """IQR over median of the warm runs, each run taken relative to its own image's warm
+    median, so images of different input shapes do not look like noise."""
+    ratios = []
+    for image in dict.fromkeys(r["image"] for r in records):
+        warm = [r["inference_sec"] for r in records if r["image"] == image and r["run"] > 1]
+        if warm:
+            median = float(np.median(warm))
+            ratios += [t / median for t in warm] if median > 0 else []
+    if len(ratios) < NOISE_MIN_IQR_SAMPLES:
+        return None
+    q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
+    return float((q3 - q1) / q2)
+
+
+def image_stats(records: list[dict]) -> list[dict]:
+    """Per image, in order: its cold run (run 1), its warm runs (2..N), shape, pre/post times."""
+    rows = []
+    for image in dict.fromkeys(r["image"] for r in records):
+        mine = [r for r in records if r["image"] == image]
+        warm = [r["inference_sec"] for r in mine if r["run"] > 1]
+        rows.append({
+            "image": image,
+            "input_shape": mine[0].get("input_shape"),
+            "runs": len(mine),
+            "cold_sec": next(r["inference_sec"] for r in mine if r["run"] == 1),
+            "warm_samples": len(warm),
+            "warm_median_sec": percentile_or_none(warm, 50),
+            "warm_min_sec": min(warm, default=None),
+            "warm_max_sec": max(warm, default=None),
+            "preprocess_avg_sec": float(np.mean([r["preprocess_sec"] for r in mine])),
+            "postprocess_avg_sec": float(np.mean([r["postprocess_sec"] for r in mine])),
+        })
+    return rows
+
+
+def latency_stats(records: list[dict]) -> dict:
+    """Per model: the spec's avg/std/min/max/FPS over all runs; the cold start (first image,
+    run 1); warm percentiles from warm runs only (runs 2..N of each image), each with its
+    sample count, None where the samples cannot support it; per-image rows."""
+    times = np.asarray([r["inference_sec"] for r in records], dtype=np.float64)
+    warm = [r["inference_sec"] for r in records if r["run"] > 1]
+    avg = float(times.mean())
+    return {
+        "avg_inference_sec": avg,
+        "std_inference_sec": float(times.std()),
+        "min_inference_sec": float(times.min()),
+        "max_inference_sec": float(times.max()),
+        "fps_avg": 1.0 / avg if avg > 0 else 0.0,
+        "fps_std": float((1.0 / times).std()) if (times > 0).all() else None,
+        "cold_inference_sec": float(times[0]),
+        "warm_samples": len(warm),
+        "warm_median_sec": percentile_or_none(warm, 50),
+        "warm_p90_sec": percentile_or_none(warm, 90),
+        "warm_p99_sec": percentile_or_none(warm, 99),
+        "warm_iqr_rel": relative_warm_iqr(records),
+        "preprocess_avg_sec": float(np.mean([r["preprocess_sec"] for r in records])),
+        "postprocess_avg_sec": float(np.mean([r["postprocess_sec"] for r in records])),
+        "per_image": image_stats(records),
+    }
+
+
+def noise_reasons(warm_iqr_rel: float | None, other_cpu_cores: float | None) -> list[str]:
+    """Why a model's figures are not to be trusted as they stand (empty: quiet)."""
+    reasons = []
+    if warm_iqr_rel is not None and warm_iqr_rel > NOISE_MAX_IQR_REL:
+        reasons.append(f"warm IQR/median {warm_iqr_rel:.0%} > {NOISE_MAX_IQR_REL:.0%}")
+    if other_cpu_cores is not None and other_cpu_cores > NOISE_MAX_OTHER_CORES:
+        reasons.append(f"other processes used {other_cpu_cores:.2f} cores > {NOISE_MAX_OTHER_CORES} during the runs")
+    return reasons
 
 
 # --------------------------------------------------------------------------------------
@@ -627,7 +766,7 @@ class LayerDissector:
         free = shutil.disk_usage(self.out_dir).free
         need = need_bytes
         if free - need < DISSECT_MIN_FREE_MB * 1024**2:
-            raise OutputError(
+            raise DiskGuardStop(
                 f"only {format_bytes(free)} free in {self.out_dir}; dissection stops before the disk "
                 f"falls under {DISSECT_MIN_FREE_MB} MB. Free space or pass --no-dissect"
             )
@@ -635,23 +774,29 @@ class LayerDissector:
     # -- modes ----------------------------------------------------------------------
 
     def run(self, forward: Callable[[], Any], mode: str = "single-pass") -> dict:
-        """Dissect with one of MODES; hooks are removed and the writer drained even on error."""
+        """Dissect with one of MODES; hooks are removed and the writer drained even on error.
+
+        When the disk guard stops it, what was captured so far is kept and the summary says why.
+        """
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._check_disk(0)
         start = time.perf_counter()
         self._writer = FileWriter()
+        stopped = None
         try:
+            self._check_disk(0)
             if mode == "per-layer":
                 self._run_per_layer(forward)
             else:
                 self._run_hooked(forward, self.leaves, lambda name, call: self._next_index())
+        except DiskGuardStop as e:
+            stopped = str(e)
         finally:
             self._writer.close()
         self._writer.raise_error()
         self.records.sort(key=lambda r: r.index)
         self._fix_padding()
         overview = self._write_overview()
-        return self._summary(mode, time.perf_counter() - start, overview)
+        return {**self._summary(mode, time.perf_counter() - start, overview), "stopped": stopped}
 
     def _next_index(self) -> int:
         return len(self.records) + 1
@@ -776,11 +921,18 @@ class ModelBenchmark(ABC):
     PREPROCESS_NOTE = ""     # what preprocessing does (shown in the report)
     TOKEN_GRID_STRIDES: tuple[int, ...] = ()  # input pixels per token, for ViT token pictures
     REDUCED_CONFIG_SUPPORTED = False
+    IMPORTS: tuple[str, ...] = ()  # modules imported before the baseline, so no model pays for them
+    # True where the library's builder runs a forward (Ultralytics YOLO): random weights are
+    # then built in a short-lived process (write_random_checkpoint) and loaded like a checkpoint
+    # (_load_checkpoint), so the benchmarked process runs no forward before its cold run.
+    RANDOM_BUILD_RUNS_FORWARD = False
 
-    def __init__(self, device: torch.device, weights: str = "pretrained", models_dir: Path | None = None):
+    def __init__(self, device: torch.device, weights: str = "pretrained", models_dir: Path | None = None,
+                 random_checkpoint: Path | None = None):
         self.device = device
         self.weights = weights
         self.models_dir = Path(models_dir) if models_dir else SCRIPT_DIR / "models"
+        self.random_checkpoint = random_checkpoint
         self.model: torch.nn.Module | None = None
         self.processor: Any = None
         self.weight_source = "random (seeded)" if weights == "random" else self.pretrained_source()
@@ -799,7 +951,7 @@ class ModelBenchmark(ABC):
 
     @abstractmethod
     def _load_pretrained(self) -> torch.nn.Module:
-        """Load the pretrained model (auto-downloading) and set self.processor."""
+        """Load the pretrained model from local files (download() ran first); set self.processor."""
 
     @abstractmethod
     def _build_random(self) -> torch.nn.Module:
@@ -823,13 +975,34 @@ class ModelBenchmark(ABC):
     def reduced(self) -> bool:
         return self.REDUCED_CONFIG_SUPPORTED and self.weights == "random" and os.environ.get(REDUCED_CONFIG_ENV) == "1"
 
+    def import_library(self) -> None:
+        """Import what load and the runs need (timed apart from loading)."""
+        for name in (self.LIBRARY, *self.IMPORTS):
+            importlib.import_module(name)
+
+    def download(self) -> bool:
+        """Fetch missing pretrained weights (timed apart from loading); True when it downloaded."""
+        return False
+
     def load(self) -> None:
-        """Load weights, move to the device, eval mode."""
+        """Build the model from local files only, move it to the device, eval mode."""
         set_seed()
-        model = self._build_random() if self.weights == "random" else self._load_pretrained()
+        if self.weights == "pretrained":
+            model = self._load_pretrained()
+        elif self.random_checkpoint is not None:
+            model = self._load_checkpoint(self.random_checkpoint)
+        else:
+            model = self._build_random()
         self.model = model.to(self.device).eval()
         if self.reduced:
             self.notes.append(f"reduced configuration ({REDUCED_CONFIG_ENV}=1): not the full-size architecture")
+
+    def write_random_checkpoint(self, path: Path) -> None:
+        """Save the seeded random architecture where _load_checkpoint() reads it."""
+        raise NotImplementedError(f"{type(self).__name__} builds random weights in place")
+
+    def _load_checkpoint(self, path: Path) -> torch.nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} builds random weights in place")
 
     def infer(self, image: Image.Image) -> dict:
         """One timed run: preprocess, forward, postprocess, each timed with CUDA sync."""
@@ -837,13 +1010,16 @@ class ModelBenchmark(ABC):
             t0 = clock(self.device)
             inputs = self.preprocess(image)
             t1 = clock(self.device)
+            shape = list(first_tensor(inputs)[0].shape)
             with torch.inference_mode():
                 outputs = self.forward(inputs)
                 t2 = clock(self.device)
                 self.postprocess(outputs, image)
             t3 = clock(self.device)
             del inputs, outputs
+        self.input_shape = self.input_shape or shape  # the first image's, for the report
         return {
+            "input_shape": shape,
             "preprocess_sec": t1 - t0,
             "inference_sec": t2 - t1,
             "postprocess_sec": t3 - t2,
@@ -866,11 +1042,6 @@ class ModelBenchmark(ABC):
         finally:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-
-    def record_input_shape(self, image: Image.Image) -> None:
-        inputs = self.preprocess(image)
-        tensor, _ = first_tensor(inputs)
-        self.input_shape = list(tensor.shape) if tensor is not None else None
 
     def cleanup(self) -> None:
         """Free the model and processor, empty the CUDA cache, give heap pages back."""
@@ -959,13 +1130,26 @@ class HFDepthBenchmark(ModelBenchmark):
             needs.append(self._hub_requirement(self.MODEL_ID))
         return needs
 
+    def import_library(self) -> None:
+        import transformers
+
+        getattr(transformers, self.MODEL_CLASS)  # transformers imports model modules lazily
+        transformers.AutoImageProcessor
+
+    def download(self) -> bool:
+        if self.weights != "pretrained" or hub_cached(self.MODEL_ID):
+            return False
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(self.MODEL_ID, allow_patterns=["*.json", "*.safetensors"])
+        return True
+
     def _load_pretrained(self) -> torch.nn.Module:
         import transformers
 
-        local = hub_cached(self.MODEL_ID)  # cached: no network round trip at all
-        self.processor = transformers.AutoImageProcessor.from_pretrained(self.MODEL_ID, local_files_only=local)
+        self.processor = transformers.AutoImageProcessor.from_pretrained(self.MODEL_ID, local_files_only=True)
         model_class = getattr(transformers, self.MODEL_CLASS)
-        return model_class.from_pretrained(self.MODEL_ID, local_files_only=local, **self.MODEL_KWARGS)
+        return model_class.from_pretrained(self.MODEL_ID, local_files_only=True, **self.MODEL_KWARGS)
 
     def _build_random(self) -> torch.nn.Module:
         import transformers
@@ -1077,16 +1261,21 @@ class DepthAnythingV2Benchmark(HFDepthBenchmark):
             return [Requirement("file", str(self.official_checkpoint), True)]
         return super().requirements()
 
+    def download(self) -> bool:
+        if self.use_official:
+            return False
+        try:
+            return super().download()
+        except Exception as e:  # the download failed (preflight saw the hub reachable): the spec's skip
+            if is_out_of_memory(e):
+                raise
+            raise ModelUnavailable(f"{self.MODEL_ID} could not be downloaded: {type(e).__name__}: {e}") from e
+
     def _load_pretrained(self) -> torch.nn.Module:
         if self.use_official:
             self.official = True
             return self._load_official()
-        try:
-            model = super()._load_pretrained()
-        except OSError as e:  # the download failed (preflight saw the hub reachable): the spec's skip
-            if hub_cached(self.MODEL_ID):
-                raise
-            raise ModelUnavailable(f"{self.MODEL_ID} could not be downloaded: {e}") from e
+        model = super()._load_pretrained()
         got = (model.config.fusion_hidden_size, list(model.config.neck_hidden_sizes))
         if got != (self.FEATURES, self.OUT_CHANNELS):
             raise BenchError(f"{self.MODEL_ID} has features/out_channels {got}, expected "
@@ -1170,6 +1359,7 @@ class UltralyticsBenchmark(ModelBenchmark):
 
     LIBRARY = "ultralytics"
     MODEL_PATH = ""  # file name inside --models-dir
+    IMPORTS = ("ultralytics.nn.tasks", "ultralytics.data.augment", "ultralytics.utils.ops", "ultralytics.models")
 
     @property
     def weight_path(self) -> Path:
@@ -1184,14 +1374,31 @@ class UltralyticsBenchmark(ModelBenchmark):
             needs.append(self._file_requirement(self.weight_path))
         return needs
 
-    def _load_pretrained(self) -> torch.nn.Module:
+    def download(self) -> bool:
+        if self.weights != "pretrained" or self.weight_path.is_file():
+            return False
+        from ultralytics.utils.downloads import attempt_download_asset
+
         self.weight_path.parent.mkdir(parents=True, exist_ok=True)
+        attempt_download_asset(str(self.weight_path))
+        if not self.weight_path.is_file():
+            raise BenchError(f"{type(self).__name__}: {self.MODEL_PATH} could not be downloaded into "
+                             f"{self.weight_path.parent}: place it there by hand, or use --weights random")
+        return True
+
+    def _load_pretrained(self) -> torch.nn.Module:
         with self._weight_file_guard(self.weight_path):
             return self._load_file(str(self.weight_path))
 
+    def _load_checkpoint(self, path: Path) -> torch.nn.Module:
+        return self._load_file(str(path))
+
+    def write_random_checkpoint(self, path: Path) -> None:
+        torch.save({"model": self._build_random(), "train_args": {}}, path)  # Ultralytics' checkpoint layout
+
     @abstractmethod
     def _load_file(self, path: str) -> torch.nn.Module:
-        """Load through Ultralytics' own loader (which downloads a missing file)."""
+        """Load a checkpoint file through Ultralytics' own loader."""
 
     def _letterbox(self, image: Image.Image, center: bool) -> np.ndarray:
         from ultralytics.data.augment import LetterBox
@@ -1206,6 +1413,7 @@ class YOLO11Benchmark(UltralyticsBenchmark):
     MODEL_YAML = ""
     MODEL_TASK_CLASS = ""   # ultralytics.nn.tasks class built from MODEL_YAML
     NUM_CLASSES = 80
+    RANDOM_BUILD_RUNS_FORWARD = True  # the builder runs a 256x256 forward to find the strides
     PREPROCESS_NOTE = "Ultralytics LetterBox to 640x640 (gray padding 114), scale to [0,1]; NMS conf 0.25 IoU 0.7"
 
     def _load_file(self, path: str) -> torch.nn.Module:
@@ -1230,15 +1438,29 @@ class YOLO11Benchmark(UltralyticsBenchmark):
         from ultralytics.utils import ops
         from ultralytics.utils.nms import non_max_suppression
 
-        preds = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-        protos = None
-        if isinstance(preds, (tuple, list)):  # segment: (predictions, mask prototypes)
-            preds, protos = preds[0], preds[1]
+        preds, protos = split_yolo_outputs(outputs)
         det = non_max_suppression(preds, conf_thres=0.25, iou_thres=0.7, nc=len(self.model.names))[0]
         shape = (self.INPUT_SIZE, self.INPUT_SIZE)
         masks = ops.process_mask(protos[0], det[:, 6:], det[:, :4], shape, upsample=True) if protos is not None and len(det) else None
         det[:, :4] = ops.scale_boxes(shape, det[:, :4], (image.height, image.width))
         return det, masks
+
+
+def split_yolo_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(predictions, mask prototypes or None) from a YOLO model's eval output, in the layout of
+    every Ultralytics version requirements.txt allows:
+    8.4: segment [(preds, proto), extras], detect/pose [preds, extras];
+    8.3: segment (preds, (feats, mask_coefficients, proto)), detect/pose (preds, feats or (feats, kpts)).
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs, None
+    head, rest = outputs[0], (outputs[1] if len(outputs) > 1 else None)
+    if isinstance(head, (tuple, list)):
+        return head[0], head[1]
+    if (isinstance(rest, (tuple, list)) and len(rest) == 3 and all(isinstance(t, torch.Tensor) for t in rest[1:])
+            and rest[1].dim() == 3 and rest[2].dim() == 4):
+        return head, rest[2]
+    return head, None
 
 
 class YOLO11nDetectBenchmark(YOLO11Benchmark):
@@ -1326,27 +1548,296 @@ SKIPPABLE = (DepthAnythingV2Benchmark,)  # the spec: skip DA-V2 when it can't be
 
 
 def resolve_models(spec: str | None) -> list[type[ModelBenchmark]]:
-    """--models: comma-separated short or class names, case-insensitive; default all eight."""
-    if not spec:
+    """--models: comma-separated short or class names, case-insensitive; default (None) all eight."""
+    if spec is None:
         return list(MODEL_REGISTRY)
     by_name = {}
     for cls in MODEL_REGISTRY:
         by_name[cls.SHORT_NAME.lower()] = by_name[cls.__name__.lower()] = cls
     chosen: list[type[ModelBenchmark]] = []
-    for name in (n.strip().lower() for n in spec.split(",")):
+    for name in (n.strip().lower() for n in spec.split(",") if n.strip()):
         if name not in by_name:
             valid = ", ".join(c.SHORT_NAME for c in MODEL_REGISTRY)
             raise UsageError(f"unknown model '{name}'. Valid models: {valid} (or their class names)")
         if by_name[name] not in chosen:
             chosen.append(by_name[name])
     if not chosen:
-        raise UsageError("--models is empty")
+        raise UsageError("--models is empty: give model names, e.g. --models yolo11n-detect,mobilesam "
+                         "(leave the option out for all eight)")
     return chosen
 
 
 # --------------------------------------------------------------------------------------
-# The runner
+# One model's benchmark: its phases, in a worker process or (--isolation none) in this one
 # --------------------------------------------------------------------------------------
+
+FAILED_STATUSES = ("failed", "crashed", "timed_out")
+
+
+@dataclass
+class WorkerJob:
+    """Everything one model's benchmark needs, as JSON, so a fresh worker process can read it."""
+
+    class_name: str
+    device: str
+    weights: str
+    models_dir: str
+    images: list[str]
+    runs: int
+    dissect: bool
+    dissect_mode: str
+    viz_dir: str
+    random_checkpoint: str | None = None
+
+    @property
+    def model_class(self) -> type[ModelBenchmark]:
+        return next(c for c in MODEL_REGISTRY if c.__name__ == self.class_name)
+
+
+class ModelProgress:
+    """Where a model's benchmark is (phase, image) and its latest peak RSS. A worker sends each
+    change to the runner, so a worker that dies can still be placed."""
+
+    def __init__(self, send: Callable[[dict], None] | None = None):
+        self.phase: str | None = None
+        self.image: str | None = None
+        self.rss_peak_mb: float | None = None
+        self._send = send
+
+    def update(self, **fields) -> None:
+        for key, value in fields.items():
+            setattr(self, key, value)
+        if self._send:
+            self._send({"type": "progress", "phase": self.phase, "image": self.image, "rss_peak_mb": self.rss_peak_mb})
+
+    def where(self) -> str:
+        return f"during {self.phase or 'start-up'}" + (f" on image {self.image}" if self.image else "")
+
+
+def memory_label(device: torch.device) -> str:
+    return "GPU Memory" if device.type == "cuda" else "RSS"
+
+
+def snapshot_fields(label: str, snap: dict[str, float | None]) -> dict[str, float | None]:
+    return {
+        f"rss_{label}_mb": snap["rss_mb"],
+        f"cuda_allocated_{label}_mb": snap["cuda_allocated_mb"],
+        f"cuda_reserved_{label}_mb": snap["cuda_reserved_mb"],
+    }
+
+
+def timed_phase(progress: ModelProgress, phase: str, device: torch.device, work: Callable[[], Any]) -> tuple[float, Any]:
+    """Run one phase with the device synchronised on both sides: (seconds, result)."""
+    progress.update(phase=phase, image=None)
+    start = clock(device)
+    result = work()
+    return clock(device) - start, result
+
+
+def timed_runs(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress) -> list[dict]:
+    """--runs inference runs per image, no warm-up: run 1 of each image is its cold run."""
+    records, total = [], len(job.images) * job.runs
+    for path in map(Path, job.images):
+        progress.update(phase="inference", image=path.name)
+        image = decode_image(path)
+        for run in range(1, job.runs + 1):
+            record = {"image": path.name, "run": run, **bench.infer(image)}
+            records.append(record)
+            progress.update(rss_peak_mb=max(filter(None, [progress.rss_peak_mb, record["peak_rss_mb"]]), default=None))
+            log(f"[INFER {len(records)}/{total}] {path.name} | Time: {record['inference_sec']:.3f}s | "
+                f"Peak Memory: {record['peak_mb']:.0f} MB | pre {record['preprocess_sec']:.3f}s "
+                f"post {record['postprocess_sec']:.3f}s", "")
+    return records
+
+
+def dissect_model(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress) -> dict:
+    """Dissect on the first image and write layers_metadata.json; returns the summary."""
+    out_dir = Path(job.viz_dir) / type(bench).__name__
+    first = Path(job.images[0])
+    progress.update(phase="dissection", image=first.name)
+    log(f"Starting layer dissection ({job.dissect_mode}) on {first.name}...", "DISSECT")
+    summary = bench.dissect_layers(decode_image(first), out_dir, job.dissect_mode)
+    meta = {"model_name": bench.MODEL_NAME, "class_name": type(bench).__name__, "image": first.name,
+            "input_shape": bench.input_shape, **summary}
+    atomic_write_text(out_dir / "layers_metadata.json", json.dumps(meta, indent=2))
+    if summary["stopped"]:
+        log(f"Dissection stopped after {summary['total_outputs']} layer outputs: {summary['stopped']}. "
+            f"The model's latency and memory figures are kept", "WARNING")
+    log(f"Saved {summary['total_outputs']} layer outputs ({summary['total_files']} files, "
+        f"{format_bytes(summary['bytes_written'])}) in {summary['seconds']:.2f}s to {out_dir}/", "DISSECT")
+    return summary
+
+
+def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
+    """One model, phases in order: imports, runtime init, download, load (local files only),
+    then the cold run and the rest, dissection, cleanup. Returns its result row.
+
+    Memory is measured against the baseline taken after runtime init. A global module-call
+    counter runs until the cold run: any forward before it would show as a non-zero count.
+    """
+    cls, device = job.model_class, torch.device(job.device)
+    label = memory_label(device)
+    bench = cls(device, job.weights, Path(job.models_dir), job.random_checkpoint and Path(job.random_checkpoint))
+    try:
+        with ModuleCallCounter() as calls:
+            import_sec, _ = timed_phase(progress, "import", device, bench.import_library)
+            runtime_init_sec, _ = timed_phase(progress, "runtime init", device, lambda: runtime_init(device))
+            log(f"Imports {import_sec:.2f}s, runtime init {runtime_init_sec:.3f}s (device {device})", "INIT")
+            before = get_memory_usage(device)
+            log(f"{label} baseline after runtime init: {headline_mb(before, device):.0f} MB", "MEMORY")
+            download_sec, downloaded = timed_phase(progress, "download", device, bench.download)
+            if downloaded:
+                log(f"Weights downloaded in {download_sec:.2f}s (not counted in the load time)", "LOAD")
+            log(f"Loading model to {device} ({job.weights} weights, local files only)...", "LOAD")
+            load_time_sec, _ = timed_phase(progress, "load", device, bench.load)
+        after_load = get_memory_usage(device)
+        log(f"Model loaded successfully in {load_time_sec:.2f}s from {bench.weight_source}", "LOAD")
+        log(f"{label} after load: {headline_mb(after_load, device):.0f} MB "
+            f"(delta: +{headline_mb(after_load, device) - headline_mb(before, device):.0f} MB)", "MEMORY")
+        with HostActivity() as host:
+            runs = timed_runs(bench, job, progress)
+        stats = latency_stats(runs)
+        noise = noise_reasons(stats["warm_iqr_rel"], host.other_cpu_cores)
+        log(f"Inference: avg={stats['avg_inference_sec']:.3f}s std={stats['std_inference_sec']:.3f}s "
+            f"min={stats['min_inference_sec']:.3f}s max={stats['max_inference_sec']:.3f}s "
+            f"cold={stats['cold_inference_sec']:.3f}s warm median={fmt(stats['warm_median_sec'])}s "
+            f"({stats['warm_samples']} warm runs)", "STATS")
+        log(f"FPS: avg={stats['fps_avg']:.3f} std={fmt(stats['fps_std'])}", "STATS")
+        if noise:
+            log(f"{cls.__name__} figures are noisy: {'; '.join(noise)}. Run again on a quiet machine", "WARNING")
+        dissection = dissect_model(bench, job, progress) if job.dissect else None
+        info = bench.get_info()
+    finally:
+        progress.update(phase="cleanup", image=None)
+        log("Clearing model and GPU cache...", "CLEANUP")
+        bench.cleanup()
+    after_cleanup = get_memory_usage(device)
+    log(f"{label} after cleanup: {headline_mb(after_cleanup, device):.0f} MB", "MEMORY")
+    return {
+        **info,
+        "status": "ok",
+        "import_sec": import_sec,
+        "runtime_init_sec": runtime_init_sec,
+        "download_sec": download_sec,
+        "downloaded": downloaded,
+        "load_time_sec": load_time_sec,
+        "module_calls_before_cold_run": calls.count,
+        "inference_times_sec": [r["inference_sec"] for r in runs],
+        **stats,
+        "noisy": bool(noise),
+        "noise_reasons": noise,
+        "other_cpu_cores": host.other_cpu_cores,
+        "load_avg_1min": host.load_avg_1min,
+        "mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
+        "mem_before_mb": headline_mb(before, device),
+        "mem_after_load_mb": headline_mb(after_load, device),
+        "mem_peak_mb": max((r["peak_mb"] for r in runs if r["peak_mb"] is not None), default=None),
+        "mem_after_cleanup_mb": headline_mb(after_cleanup, device),
+        "mem_not_returned_mb": headline_mb(after_cleanup, device) - headline_mb(before, device),
+        **snapshot_fields("before", before),
+        **snapshot_fields("after_load", after_load),
+        **snapshot_fields("after_cleanup", after_cleanup),
+        "rss_peak_mb": max((r["peak_rss_mb"] for r in runs if r["peak_rss_mb"] is not None), default=None),
+        "cuda_peak_allocated_mb": max((r["peak_cuda_allocated_mb"] for r in runs
+                                       if r["peak_cuda_allocated_mb"] is not None), default=None),
+        "total_layers_dissected": dissection["total_outputs"] if dissection else 0,
+        "dissect_mode": job.dissect_mode if dissection else None,
+        "dissect_status": (f"stopped: {dissection['stopped']}" if dissection["stopped"] else "complete") if dissection else None,
+        "dissect_time_sec": dissection["seconds"] if dissection else None,
+        "dissect_bytes_written": dissection["bytes_written"] if dissection else None,
+        "dissect_files": dissection["total_files"] if dissection else None,
+        "viz_dir": str(Path(job.viz_dir) / cls.__name__) if dissection else None,
+        "num_images": len(job.images),
+        "images": [Path(p).name for p in job.images],
+        "num_runs_per_image": job.runs,
+        "runs": runs,
+    }
+
+
+def failure_message(cls: type[ModelBenchmark], error: BaseException, progress: ModelProgress, device: torch.device) -> str:
+    where = progress.where()
+    if not is_out_of_memory(error):
+        return f"Failed to benchmark {cls.__name__} {where}: {type(error).__name__}: {error}"
+    snap = get_memory_usage(device)
+    figures = f"process RSS {snap['rss_mb']:.0f} MB, peak RSS {format_bytes(rss_peak_bytes())}"
+    if device.type == "cuda":
+        figures += (f", CUDA allocated {snap['cuda_allocated_mb']:.0f} MB, reserved {snap['cuda_reserved_mb']:.0f} MB, "
+                    f"peak allocated {to_mb(torch.cuda.max_memory_allocated(device)):.0f} MB")
+    return (f"{cls.__name__} ran out of memory {where} ({figures}): {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}. Free memory, use a smaller model set, or --device cpu")
+
+
+def status_row(cls: type[ModelBenchmark], status: str, reason: str, progress: ModelProgress | None = None,
+               **extra) -> dict:
+    """The row of a model that did not finish: skipped, failed, crashed or timed_out."""
+    progress = progress or ModelProgress()
+    return {"model_name": cls.MODEL_NAME, "class_name": cls.__name__, "short_name": cls.SHORT_NAME,
+            "input_size": cls.INPUT_SIZE, "status": status, "error": reason,
+            "failed_phase": progress.phase, "failed_image": progress.image, **extra}
+
+
+def run_model(job: WorkerJob, progress: ModelProgress) -> dict:
+    """benchmark_model with a failure turned into its row; interrupts propagate."""
+    cls = job.model_class
+    try:
+        return benchmark_model(job, progress)
+    except Exception as e:
+        if isinstance(e, ModelUnavailable) and issubclass(cls, SKIPPABLE):
+            log(f"Skipping {cls.__name__}: {e}", "SKIP")
+            return status_row(cls, "skipped", str(e))
+        message = failure_message(cls, e, progress, torch.device(job.device))
+        log(message, "ERROR")
+        if not isinstance(e, BenchError):
+            traceback.print_exc()
+        return status_row(cls, "failed", message, progress)
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the runner dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:
+        os._exit(EXIT_SIGTERM)
+
+
+def worker_main(job_path: Path, message_fd: int) -> int:
+    """A worker process: one model's benchmark; progress and the row go to the runner as JSON lines."""
+    die_with_parent()
+    channel = os.fdopen(message_fd, "w", buffering=1, encoding="utf-8")
+
+    def send(message: dict) -> None:
+        channel.write(json.dumps(message, default=str) + "\n")
+        channel.flush()
+
+    job = WorkerJob(**json.loads(job_path.read_text(encoding="utf-8")))
+    try:
+        with termination_signals():
+            row = run_model(job, ModelProgress(send))
+    except KeyboardInterrupt:
+        return EXIT_SIGINT
+    except RunInterrupted as e:
+        return EXIT_SIGINT if e.signum == signal.SIGINT else EXIT_SIGTERM
+    send({"type": "result", "row": row})
+    return EXIT_MODEL_FAILED if row["status"] in FAILED_STATUSES else EXIT_OK
+
+
+def build_random_main(class_name: str, path: Path) -> int:
+    """A short-lived process: build a model's seeded random architecture and save it, so the
+    builder's own forward (Ultralytics runs one) never warms the benchmarked process."""
+    cls = next(c for c in MODEL_REGISTRY if c.__name__ == class_name)
+    set_seed()
+    cls(torch.device("cpu"), "random").write_random_checkpoint(path)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------
+# The runner: one worker process per model, supervised
+# --------------------------------------------------------------------------------------
+
+WORKER_STOP_GRACE_SEC = 10.0     # after a forwarded signal or a timeout; then SIGKILL
+WORKER_LOG_LINES = 20            # last output lines of a worker kept for its crash report
+WORKER_POLL_SEC = 0.25           # how often the runner samples a worker's RSS and deadline
+ISOLATION_MODES = ("process", "none")
 
 
 @dataclass
@@ -1362,6 +1853,9 @@ class RunConfig:
     dissect: bool
     dissect_mode: str
     keep_going: bool
+    isolation: str = "process"
+    model_timeout_sec: float | None = None
+    work_dir: Path | None = None     # the run's temporary files: worker jobs, random checkpoints
     timestamp: str = ""
     skips: dict[str, str] = field(default_factory=dict)
 
@@ -1373,134 +1867,199 @@ class RunConfig:
     def viz_dir(self) -> Path:
         return self.output_dir / "viz" / self.timestamp
 
-
-def memory_label(device: torch.device) -> str:
-    return "GPU Memory" if device.type == "cuda" else "RSS"
-
-
-def snapshot_fields(label: str, snap: dict[str, float | None]) -> dict[str, float | None]:
-    return {
-        f"rss_{label}_mb": snap["rss_mb"],
-        f"cuda_allocated_{label}_mb": snap["cuda_allocated_mb"],
-        f"cuda_reserved_{label}_mb": snap["cuda_reserved_mb"],
-    }
+    def job(self, cls: type[ModelBenchmark], random_checkpoint: Path | None) -> WorkerJob:
+        return WorkerJob(class_name=cls.__name__, device=str(self.device), weights=self.weights,
+                         models_dir=str(self.models_dir), images=[str(p) for p in self.images], runs=self.runs,
+                         dissect=self.dissect, dissect_mode=self.dissect_mode, viz_dir=str(self.viz_dir),
+                         random_checkpoint=random_checkpoint and str(random_checkpoint))
 
 
-def timed_runs(bench: ModelBenchmark, cfg: RunConfig, state: dict) -> list[dict]:
-    """--runs inference runs per image, no warm-up (the spec's cold start)."""
-    records, total = [], len(cfg.images) * cfg.runs
-    for path in cfg.images:
-        state.update(phase="inference", image=path.name)
-        image = decode_image(path)
-        for run in range(1, cfg.runs + 1):
-            record = {"image": path.name, "run": run, **bench.infer(image)}
-            records.append(record)
-            log(f"[INFER {len(records)}/{total}] {path.name} | Time: {record['inference_sec']:.3f}s | "
-                f"Peak Memory: {record['peak_mb']:.0f} MB | pre {record['preprocess_sec']:.3f}s "
-                f"post {record['postprocess_sec']:.3f}s", "")
-    return records
+def this_program(*args: str) -> list[str]:
+    """The command line that runs this same file in a fresh interpreter."""
+    return [sys.executable, str(SCRIPT_PATH), *args]
 
 
-def dissect_model(bench: ModelBenchmark, cfg: RunConfig, state: dict) -> dict:
-    """Dissect on the first image and write layers_metadata.json; returns the summary."""
-    out_dir = cfg.viz_dir / type(bench).__name__
-    state.update(phase="dissection", image=cfg.images[0].name)
-    log(f"Starting layer dissection ({cfg.dissect_mode}) on {cfg.images[0].name}...", "DISSECT")
-    summary = bench.dissect_layers(decode_image(cfg.images[0]), out_dir, cfg.dissect_mode)
-    meta = {"model_name": bench.MODEL_NAME, "class_name": type(bench).__name__, "image": cfg.images[0].name,
-            "input_shape": bench.input_shape, **summary}
-    atomic_write_text(out_dir / "layers_metadata.json", json.dumps(meta, indent=2))
-    log(f"Saved {summary['total_outputs']} layer outputs ({summary['total_files']} files, "
-        f"{format_bytes(summary['bytes_written'])}) in {summary['seconds']:.2f}s to {out_dir}/", "DISSECT")
-    return summary
+def worker_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def benchmark_model(cls: type[ModelBenchmark], cfg: RunConfig, state: dict) -> dict:
-    """Load, time, dissect and free one model; returns its result row."""
-    device = cfg.device
-    label = memory_label(device)
-    log("Verifying model weights and dependencies...", "CHECK")
-    bench = cls(device, cfg.weights, cfg.models_dir)
-    before = get_memory_usage(device)
-    log(f"{label} before load: {headline_mb(before, device):.0f} MB", "MEMORY")
+def prepare_random_checkpoint(cls: type[ModelBenchmark], cfg: RunConfig) -> Path | None:
+    """Seeded random weights for a model whose builder runs a forward, built and saved by a
+    short-lived process and then loaded like a pretrained checkpoint."""
+    if cfg.weights != "random" or not cls.RANDOM_BUILD_RUNS_FORWARD:
+        return None
+    path = cfg.work_dir / f"{cls.__name__}-random.pt"
+    start = time.perf_counter()
+    proc = subprocess.run(this_program("--build-random", cls.__name__, str(path)), capture_output=True,
+                          text=True, env=worker_env())
+    if proc.returncode != 0 or not path.is_file():
+        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+        raise BenchError(f"building seeded random weights for {cls.__name__} failed (exit {proc.returncode}): {tail}")
+    log(f"Seeded random weights built and saved by a short-lived process in {time.perf_counter() - start:.2f}s "
+        f"(the builder runs a forward; the benchmarked process loads the checkpoint)", "LOAD")
+    return path
+
+
+class WorkerProcess:
+    """One model's worker: a fresh interpreter running this file (spawn, not fork: no inherited
+    CUDA or thread state). Its output is echoed and its last lines kept; progress and the
+    result arrive as JSON lines on a pipe of their own. Own session: the runner forwards signals."""
+
+    def __init__(self, job: WorkerJob, job_path: Path):
+        job_path.write_text(json.dumps(vars(job)), encoding="utf-8")
+        read_fd, write_fd = os.pipe()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(this_program("--worker", str(job_path), str(write_fd)),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+                                     start_new_session=True, env=worker_env())
+        os.close(write_fd)
+        self.progress = ModelProgress()
+        self.result: dict | None = None
+        self.lines: collections.deque[str] = collections.deque(maxlen=WORKER_LOG_LINES)
+        self.rss_seen_mb: float | None = None
+        self._pending = {self.proc.stdout.fileno(): b"", read_fd: b""}
+        self._handlers = {self.proc.stdout.fileno(): self._on_output, read_fd: self._on_message}
+        self._selector = selectors.DefaultSelector()
+        for fd in self._pending:
+            os.set_blocking(fd, False)
+            self._selector.register(fd, selectors.EVENT_READ)
+
+    def pump(self, deadline: float | None) -> bool:
+        """Echo output and take messages until the worker exits (True) or the monotonic
+        deadline passes (False)."""
+        while self.proc.poll() is None:
+            timeout = WORKER_POLL_SEC if deadline is None else min(WORKER_POLL_SEC, deadline - time.monotonic())
+            if timeout <= 0:
+                return False
+            self._read_ready(timeout)
+            self._sample_rss()
+        self._read_ready(0.5, until_eof=True)
+        return True
+
+    def stop(self, signum: int) -> None:
+        """Send signum; after WORKER_STOP_GRACE_SEC without an exit, SIGKILL."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signum)
+        if not self.pump(time.monotonic() + WORKER_STOP_GRACE_SEC):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.pump(None)
+
+    def close(self) -> None:
+        for key in list(self._selector.get_map().values()):
+            self._close_fd(key.fd)
+        self._selector.close()
+        self.proc.stdout.close()
+
+    def _read_ready(self, timeout: float, until_eof: bool = False) -> None:
+        while self._selector.get_map():
+            events = self._selector.select(timeout)
+            if not events:
+                break
+            for key, _ in events:
+                self._read(key.fd)
+            if not until_eof:
+                break
+
+    def _read(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        data = self._pending[fd] + chunk
+        *lines, self._pending[fd] = data.split(b"\n")
+        if not chunk:  # end of file: what is left is a last line without a newline
+            lines, self._pending[fd] = lines + ([self._pending[fd]] if self._pending[fd] else []), b""
+            self._close_fd(fd)
+        for line in lines:
+            self._handlers[fd](line.decode("utf-8", "replace"))
+
+    def _close_fd(self, fd: int) -> None:
+        self._selector.unregister(fd)
+        if fd != self.proc.stdout.fileno():
+            os.close(fd)
+
+    def _on_output(self, line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        self.lines.append(line)
+
+    def _on_message(self, line: str) -> None:
+        message = json.loads(line)
+        if message["type"] == "progress":
+            self.progress.update(phase=message["phase"], image=message["image"], rss_peak_mb=message["rss_peak_mb"])
+        elif message["type"] == "result":
+            self.result = message["row"]
+
+    def _sample_rss(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            rss = to_mb(psutil.Process(self.proc.pid).memory_info().rss)
+            self.rss_seen_mb = max(rss, self.rss_seen_mb or 0.0)
+
+    @property
+    def last_peak_rss_mb(self) -> float | None:
+        return max(filter(None, [self.progress.rss_peak_mb, self.rss_seen_mb]), default=None)
+
+
+def dead_worker_row(cls: type[ModelBenchmark], worker: WorkerProcess, status: str, cause: str) -> dict:
+    """The row of a worker that died or hung: what, where, and its last output lines."""
+    code = worker.proc.returncode
+    signame = signal.Signals(-code).name if code is not None and code < 0 else None
+    peak = worker.last_peak_rss_mb
+    message = f"{cls.__name__}: worker process {worker.proc.pid} {cause} {worker.progress.where()}"
+    if signame == "SIGKILL" and status == "crashed":
+        message += (f" (SIGKILL from outside is most likely the kernel's out-of-memory killer; the worker's "
+                    f"last peak RSS was {fmt(peak, '.0f')} MB)")
+    log(message, "ERROR")
+    return status_row(cls, status, message, worker.progress, worker_pid=worker.proc.pid, worker_exit_code=code,
+                      worker_signal=signame, last_peak_rss_mb=peak, last_log_lines=list(worker.lines))
+
+
+def run_in_worker(job: WorkerJob, cfg: RunConfig) -> dict:
+    """One model in a fresh worker process: its row, or a crashed / timed_out row."""
+    cls = job.model_class
+    worker = WorkerProcess(job, cfg.work_dir / f"{cls.__name__}.job.json")
+    log(f"Worker process {worker.proc.pid} started for {cls.__name__}", "WORKER")
+    deadline = None if cfg.model_timeout_sec is None else worker.started + cfg.model_timeout_sec
     try:
-        state.update(phase="load", image=None)
-        log(f"Loading model to {device} ({cfg.weights} weights)...", "LOAD")
-        start = clock(device)
-        bench.load()
-        load_time_sec = clock(device) - start
-        after_load = get_memory_usage(device)
-        log(f"Model loaded successfully in {load_time_sec:.2f}s from {bench.weight_source}", "LOAD")
-        log(f"{label} after load: {headline_mb(after_load, device):.0f} MB "
-            f"(delta: +{headline_mb(after_load, device) - headline_mb(before, device):.0f} MB)", "MEMORY")
-        bench.record_input_shape(decode_image(cfg.images[0]))
-        runs = timed_runs(bench, cfg, state)
-        stats = latency_stats([r["inference_sec"] for r in runs])
-        log(f"Inference: avg={stats['avg_inference_sec']:.3f}s std={stats['std_inference_sec']:.3f}s "
-            f"min={stats['min_inference_sec']:.3f}s max={stats['max_inference_sec']:.3f}s "
-            f"cold={stats['cold_inference_sec']:.3f}s", "STATS")
-        log(f"FPS: avg={stats['fps_avg']:.3f} std={stats['fps_std']:.3f}", "STATS")
-        dissection = dissect_model(bench, cfg, state) if cfg.dissect else None
-        info = bench.get_info()
+        finished = worker.pump(deadline)
+        if not finished:
+            log(f"{cls.__name__} passed --model-timeout {cfg.model_timeout_sec:g}s {worker.progress.where()}: "
+                f"stopping its worker", "ERROR")
+            worker.stop(signal.SIGTERM)
+            return dead_worker_row(cls, worker, "timed_out", f"passed --model-timeout {cfg.model_timeout_sec:g}s "
+                                   f"and was stopped (exit {worker.proc.returncode})")
+    except (KeyboardInterrupt, RunInterrupted) as e:
+        worker.stop(e.signum if isinstance(e, RunInterrupted) else signal.SIGINT)
+        raise
     finally:
-        log("Clearing model and GPU cache...", "CLEANUP")
-        bench.cleanup()
-        if device.type == "cuda":
-            time.sleep(CLEANUP_SLEEP_SEC)
-    after_cleanup = get_memory_usage(device)
-    log(f"{label} after cleanup: {headline_mb(after_cleanup, device):.0f} MB", "MEMORY")
-    peaks = [r["peak_mb"] for r in runs if r["peak_mb"] is not None]
-    row = {
-        **info,
-        "status": "ok",
-        "load_time_sec": load_time_sec,
-        "inference_times_sec": [r["inference_sec"] for r in runs],
-        **stats,
-        "preprocess_avg_sec": float(np.mean([r["preprocess_sec"] for r in runs])),
-        "postprocess_avg_sec": float(np.mean([r["postprocess_sec"] for r in runs])),
-        "mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
-        "mem_before_mb": headline_mb(before, device),
-        "mem_after_load_mb": headline_mb(after_load, device),
-        "mem_peak_mb": max(peaks) if peaks else None,
-        "mem_after_cleanup_mb": headline_mb(after_cleanup, device),
-        "mem_not_returned_mb": headline_mb(after_cleanup, device) - headline_mb(before, device),
-        **snapshot_fields("before", before),
-        **snapshot_fields("after_load", after_load),
-        **snapshot_fields("after_cleanup", after_cleanup),
-        "rss_peak_mb": max((r["peak_rss_mb"] for r in runs if r["peak_rss_mb"] is not None), default=None),
-        "cuda_peak_allocated_mb": max((r["peak_cuda_allocated_mb"] for r in runs
-                                       if r["peak_cuda_allocated_mb"] is not None), default=None),
-        "total_layers_dissected": dissection["total_outputs"] if dissection else 0,
-        "dissect_mode": cfg.dissect_mode if dissection else None,
-        "dissect_time_sec": dissection["seconds"] if dissection else None,
-        "dissect_bytes_written": dissection["bytes_written"] if dissection else None,
-        "dissect_files": dissection["total_files"] if dissection else None,
-        "viz_dir": str(cfg.viz_dir / cls.__name__) if dissection else None,
-        "num_images": len(cfg.images),
-        "num_runs_per_image": cfg.runs,
-        "runs": runs,
-    }
+        worker.close()
+    if worker.result is not None:
+        return {**worker.result, "worker_pid": worker.proc.pid, "worker_exit_code": worker.proc.returncode}
+    code = worker.proc.returncode
+    cause = (f"was killed by {signal.Signals(-code).name}" if code < 0
+             else f"exited with code {code} without a result")
+    return dead_worker_row(cls, worker, "crashed", cause)
+
+
+def run_in_process(job: WorkerJob) -> dict:
+    """--isolation none: today's single process (debuggers, profilers); cleanup between models."""
+    row = run_model(job, ModelProgress())
+    release_host_memory()  # the exception's frames are gone: free what they held
+    if job.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return row
 
 
-def failure_message(cls: type[ModelBenchmark], error: BaseException, state: dict, device: torch.device) -> str:
-    where = state.get("phase", "?") + (f" on image {state['image']}" if state.get("image") else "")
-    if not is_out_of_memory(error):
-        return f"Failed to benchmark {cls.__name__} during {where}: {type(error).__name__}: {error}"
-    snap = get_memory_usage(device)
-    figures = f"process RSS {snap['rss_mb']:.0f} MB, peak RSS {format_bytes(rss_peak_bytes())}"
-    if device.type == "cuda":
-        figures += (f", CUDA allocated {snap['cuda_allocated_mb']:.0f} MB, reserved {snap['cuda_reserved_mb']:.0f} MB, "
-                    f"peak allocated {to_mb(torch.cuda.max_memory_allocated(device)):.0f} MB")
-    return (f"{cls.__name__} ran out of memory during {where} ({figures}): {type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}. Free memory, use a smaller model set, or --device cpu")
-
-
-def status_row(cls: type[ModelBenchmark], status: str, reason: str, state: dict | None = None) -> dict:
-    state = state or {}
-    return {"model_name": cls.MODEL_NAME, "class_name": cls.__name__, "short_name": cls.SHORT_NAME,
-            "input_size": cls.INPUT_SIZE, "status": status, "error": reason,
-            "failed_phase": state.get("phase"), "failed_image": state.get("image")}
+def execute_model(cls: type[ModelBenchmark], cfg: RunConfig) -> dict:
+    """One model, isolated as configured; always returns a row (interrupts propagate)."""
+    try:
+        job = cfg.job(cls, prepare_random_checkpoint(cls, cfg))
+    except BenchError as e:
+        log(str(e), "ERROR")
+        return status_row(cls, "failed", str(e), ModelProgress(), failed_phase="prepare random weights")
+    row = run_in_worker(job, cfg) if cfg.isolation == "process" else run_in_process(job)
+    return {**row, "isolation": cfg.isolation}
 
 
 @dataclass
@@ -1521,32 +2080,22 @@ def run_benchmark(cfg: RunConfig) -> RunOutcome:
             log(f"Skipping {cls.__name__}: {cfg.skips[cls.__name__]}", "SKIP")
             results.append(status_row(cls, "skipped", cfg.skips[cls.__name__]))
             continue
-        state: dict = {}
         try:
-            results.append(benchmark_model(cls, cfg, state))
-            log(f"{cls.__name__} finished", "COMPLETE")
-        except ModelUnavailable as e:
-            if not issubclass(cls, SKIPPABLE):
-                raise
-            log(f"Skipping {cls.__name__}: {e}", "SKIP")
-            results.append(status_row(cls, "skipped", str(e)))
+            row = execute_model(cls, cfg)
         except KeyboardInterrupt:
             return RunOutcome(results, EXIT_SIGINT, False, "SIGINT")
         except RunInterrupted as e:
             return RunOutcome(results, EXIT_SIGINT if e.signum == signal.SIGINT else EXIT_SIGTERM, False,
                               signal.Signals(e.signum).name)
-        except Exception as e:
-            message = failure_message(cls, e, state, cfg.device)
-            log(message, "ERROR")
-            if not isinstance(e, BenchError):
-                traceback.print_exc()
+        results.append(row)
+        if row["status"] in FAILED_STATUSES:
             exit_code = EXIT_MODEL_FAILED
             if not cfg.keep_going:
                 return RunOutcome(results, exit_code, False)
-            results.append(status_row(cls, "failed", message, state))
-        release_host_memory()  # the exception's frames are gone: free what they held
+        elif row["status"] == "ok":
+            log(f"{cls.__name__} finished", "COMPLETE")
         if cfg.device.type == "cuda":
-            torch.cuda.empty_cache()
+            time.sleep(CLEANUP_SLEEP_SEC)
     return RunOutcome(results, exit_code, True)
 
 
@@ -1561,11 +2110,13 @@ SPEC_CSV_COLUMNS = [
     "num_images", "num_runs_per_image", "device",
 ]
 EXTRA_CSV_COLUMNS = [
-    "class_name", "status", "cold_inference_sec", "warm_median_sec", "warm_p90_sec", "warm_p99_sec",
+    "class_name", "status", "isolation", "import_sec", "runtime_init_sec", "download_sec", "downloaded",
+    "module_calls_before_cold_run", "cold_inference_sec", "warm_samples", "warm_median_sec", "warm_p90_sec",
+    "warm_p99_sec", "warm_iqr_rel", "noisy", "noise_reasons", "other_cpu_cores", "load_avg_1min",
     "preprocess_avg_sec", "postprocess_avg_sec", "mem_kind", "mem_before_mb", "mem_after_load_mb",
     "mem_after_cleanup_mb", "mem_not_returned_mb", "rss_peak_mb", "cuda_peak_allocated_mb", "leaf_modules",
-    "input_size", "input_shape", "weights", "weights_source", "dissect_mode", "dissect_time_sec",
-    "dissect_bytes_written", "error",
+    "input_size", "input_shape", "images", "weights", "weights_source", "dissect_mode", "dissect_status", "dissect_time_sec",
+    "dissect_bytes_written", "failed_phase", "failed_image", "worker_signal", "error",
 ]
 
 
@@ -1611,9 +2162,18 @@ def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float) -
         "image_source": cfg.image_source,
         "images": [str(p) for p in cfg.images],
         "dissect_mode": cfg.dissect_mode if cfg.dissect else None,
+        "isolation": cfg.isolation,
+        "model_timeout_sec": cfg.model_timeout_sec,
         "environment": environment(cfg.device),
         "results": outcome.results,
     }
+
+
+def csv_value(value: Any) -> Any:
+    """One CSV cell: empty for None, lists of text joined with '; '."""
+    if value is None or value == []:
+        return ""
+    return "; ".join(value) if isinstance(value, list) and isinstance(value[0], str) else value
 
 
 def csv_text(results: list[dict]) -> str:
@@ -1622,17 +2182,27 @@ def csv_text(results: list[dict]) -> str:
                             lineterminator="\n")
     writer.writeheader()
     for row in results:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in writer.fieldnames})
+        writer.writerow({k: csv_value(row.get(k)) for k in writer.fieldnames})
     return buf.getvalue()
 
 
-def fmt(value: Any, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
+def md_cell(value: Any) -> str:
+    """Text safe inside a Markdown table cell: pipes escaped, line breaks as <br>."""
+    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
 
 
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    return lines + ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows] + [""]
+
+
+def noisy_mark(row: dict, value: str) -> str:
+    """A figure as written in the Markdown: marked when its model's runs were noisy."""
+    return f"{value} (noisy)" if row.get("noisy") else value
+
+
+def shape_text(shape: list[int] | None) -> str:
+    return "x".join(map(str, shape or [])) or "n/a"
 
 
 def markdown_text(payload: dict, cfg: RunConfig) -> str:
@@ -1644,16 +2214,21 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
                "only the models listed as ok finished.", ""]
     md += ["## System Information", ""] + table(["Property", "Value"], [
         ["OS", env["os"]], ["Python", env["python"]], ["PyTorch", env["torch"]],
-        ["CUDA Available", str(env["cuda_available"])], ["CUDA Version", str(env["cuda_version"])],
-        ["cuDNN Version", str(env["cudnn_version"])], ["GPU", str(env["gpu_name"])], ["CPU", env["cpu_model"]],
-        ["Torch Threads", str(env["torch_threads"])], ["transformers", str(env["transformers"])],
-        ["ultralytics", str(env["ultralytics"])], ["Device", env["device"]], ["Random Seed", str(RANDOM_SEED)]])
+        ["CUDA Available", env["cuda_available"]], ["CUDA Version", env["cuda_version"]],
+        ["cuDNN Version", env["cudnn_version"]], ["GPU", env["gpu_name"]], ["CPU", env["cpu_model"]],
+        ["Torch Threads", env["torch_threads"]], ["transformers", env["transformers"]],
+        ["ultralytics", env["ultralytics"]], ["Device", env["device"]], ["Random Seed", RANDOM_SEED]])
+    timeout = f"{cfg.model_timeout_sec:g}s per model" if cfg.model_timeout_sec else "none"
     md += ["## Benchmark Configuration", "",
            f"- Weights: **{cfg.weights}**" + (" (seeded random initialisation: timings are real, outputs are not)"
                                               if cfg.weights == "random" else ""),
            f"- Test Images: {len(cfg.images)} from {cfg.image_source}: " + ", ".join(p.name for p in cfg.images),
-           f"- Inference Runs per Image: {cfg.runs} (no warm-up: the first run is the cold start)",
+           f"- Inference Runs per Image: {cfg.runs} (no warm-up: run 1 of each image is its cold run, "
+           "runs 2..N are warm)",
            f"- Total Inference Runs per Model: {len(cfg.images) * cfg.runs}",
+           f"- Isolation: **{cfg.isolation}**" + (" (each model in a fresh worker process)" if cfg.isolation == "process"
+                                                  else " (all models in one process: cold starts depend on the order)"),
+           f"- Model timeout: {timeout}",
            f"- Total Execution Time: {payload['total_execution_time_sec']:.2f}s",
            "- Timing: the forward pass alone, perf_counter with CUDA synchronisation; preprocessing and "
            "postprocessing are timed separately below.",
@@ -1661,17 +2236,40 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
            "the true peak of each run (peak counters reset before every run).", ""]
     md += ["## Results", ""] + table(
         ["Model", "Load Time (s)", "Avg Inference (s)", "Std (s)", "FPS", "Peak Memory (MB)", "Parameters", "Layers"],
-        [[r["model_name"], fmt(r["load_time_sec"], ".2f"), fmt(r["avg_inference_sec"]), fmt(r["std_inference_sec"]),
-          fmt(r["fps_avg"], ".2f"), fmt(r["mem_peak_mb"], ".0f"), f"{r['total_params']:,}",
-          str(r["total_layers_dissected"])] for r in ok])
-    md += ["## Latency Detail", ""] + table(
-        ["Model", "Cold (s)", "Warm median (s)", "Warm p90 (s)", "Warm p99 (s)", "Preprocess (s)",
-         "Postprocess (s)", "Input shape"],
-        [[r["model_name"], fmt(r["cold_inference_sec"]), fmt(r["warm_median_sec"]), fmt(r["warm_p90_sec"]),
-          fmt(r["warm_p99_sec"]), fmt(r["preprocess_avg_sec"]), fmt(r["postprocess_avg_sec"]),
-          "x".join(map(str, r["input_shape"] or []))] for r in ok])
-    md += ["## Memory (MB)", ""] + table(
-        ["Model", "Kind", "Before load", "After load", "Peak", "After cleanup", "Not returned", "Peak RSS"],
+        [[r["model_name"], fmt(r["load_time_sec"], ".2f"), noisy_mark(r, fmt(r["avg_inference_sec"])),
+          fmt(r["std_inference_sec"]), fmt(r["fps_avg"], ".2f"), fmt(r["mem_peak_mb"], ".0f"),
+          f"{r['total_params']:,}", r["total_layers_dissected"]] for r in ok])
+    md += ["## Phases (s)", "",
+           "Each in the model's own worker, in this order; the cold run comes after all of them. Module calls "
+           "before the cold run must be 0: no forward of the model warms it.", ""] + table(
+        ["Model", "Imports", "Runtime init", "Download", "Load", "Module calls before cold run"],
+        [[r["model_name"], fmt(r["import_sec"], ".2f"), fmt(r["runtime_init_sec"]),
+          fmt(r["download_sec"], ".2f") + (" (downloaded)" if r["downloaded"] else ""), fmt(r["load_time_sec"], ".2f"),
+          r["module_calls_before_cold_run"]] for r in ok])
+    md += ["## Latency Detail", "",
+           "Warm percentiles come from warm runs only; n/a where the samples cannot support them "
+           f"(p90 needs {PERCENTILE_MIN_SAMPLES[90]}, p99 {PERCENTILE_MIN_SAMPLES[99]} warm runs).", ""] + table(
+        ["Model", "Cold (s)", "Warm median (s)", "Warm p90 (s)", "Warm p99 (s)", "Warm runs", "Warm IQR/median",
+         "Preprocess (s)", "Postprocess (s)", "Input shape"],
+        [[r["model_name"], fmt(r["cold_inference_sec"]), noisy_mark(r, fmt(r["warm_median_sec"])),
+          fmt(r["warm_p90_sec"]), fmt(r["warm_p99_sec"]), r["warm_samples"], fmt(r["warm_iqr_rel"], ".1%"),
+          fmt(r["preprocess_avg_sec"]), fmt(r["postprocess_avg_sec"]), shape_text(r["input_shape"])] for r in ok])
+    varied = [r for r in ok if len({shape_text(i["input_shape"]) for i in r["per_image"]}) > 1]
+    if varied:
+        md += ["## Per-Image Latency", "", "Models whose input shape differs between images: each image's first "
+               "run is a cold run for its shape.", ""] + table(
+            ["Model", "Image", "Input shape", "Cold (s)", "Warm median (s)", "Warm runs", "Preprocess (s)",
+             "Postprocess (s)"],
+            [[r["model_name"], i["image"], shape_text(i["input_shape"]), fmt(i["cold_sec"]), fmt(i["warm_median_sec"]),
+              i["warm_samples"], fmt(i["preprocess_avg_sec"]), fmt(i["postprocess_avg_sec"])]
+             for r in varied for i in r["per_image"]])
+    md += ["## Noise", "", f"A model is flagged noisy when its warm IQR/median exceeds {NOISE_MAX_IQR_REL:.0%} or "
+           f"other processes used more than {NOISE_MAX_OTHER_CORES} cores during its runs.", ""] + table(
+        ["Model", "Load avg (1 min)", "Other processes (cores)", "Verdict"],
+        [[r["model_name"], fmt(r["load_avg_1min"], ".2f"), fmt(r["other_cpu_cores"], ".2f"),
+          "NOISY: " + "; ".join(r["noise_reasons"]) if r["noisy"] else "quiet"] for r in ok])
+    md += ["## Memory (MB)", "", "Against the worker's own baseline after runtime init.", ""] + table(
+        ["Model", "Kind", "Baseline", "After load", "Peak", "After cleanup", "Not returned", "Peak RSS"],
         [[r["model_name"], r["mem_kind"], fmt(r["mem_before_mb"], ".0f"), fmt(r["mem_after_load_mb"], ".0f"),
           fmt(r["mem_peak_mb"], ".0f"), fmt(r["mem_after_cleanup_mb"], ".0f"), fmt(r["mem_not_returned_mb"], "+.0f"),
           fmt(r["rss_peak_mb"], ".0f")] for r in ok])
@@ -1682,7 +2280,12 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
     others = [r for r in results if r["status"] != "ok"]
     if others:
         md += ["## Skipped and Failed Models", ""] + table(
-            ["Model", "Status", "Reason"], [[r["class_name"], r["status"], r["error"].replace("|", "/")] for r in others])
+            ["Model", "Status", "Phase", "Image", "Reason"],
+            [[r["class_name"], r["status"], r.get("failed_phase") or "-", r.get("failed_image") or "-", r["error"]]
+             for r in others])
+        for r in others:
+            if r.get("last_log_lines"):
+                md += [f"Last output of {r['class_name']}'s worker:", "", "```"] + r["last_log_lines"] + ["```", ""]
     if ok:
         fastest = min(ok, key=lambda x: x["avg_inference_sec"])
         slowest = max(ok, key=lambda x: x["avg_inference_sec"])
@@ -1693,6 +2296,10 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
                f"- **Slowest Model:** {slowest['model_name']} ({slowest['avg_inference_sec']:.3f}s, {slowest['fps_avg']:.2f} FPS)",
                f"- **Most Memory Intensive:** {most_memory['model_name']} ({fmt(most_memory['mem_peak_mb'], '.0f')} MB)",
                f"- **Most Parameters:** {most_params['model_name']} ({most_params['total_params']:,})", ""]
+        downloaded = [r["model_name"] for r in ok if r["downloaded"]]
+        if downloaded:
+            md += [f"- **Downloaded weights this run:** {', '.join(downloaded)} (download time is reported "
+                   "apart and not counted in the load time)", ""]
     dissected = [r for r in ok if r.get("viz_dir")]
     md += ["## Visualizations", ""]
     if not dissected:
@@ -1702,7 +2309,8 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
         md += [f"### {r['class_name']}", "",
                f"- Folder: [`viz/{cfg.timestamp}/{r['class_name']}/`]({rel}/) ({r['total_layers_dissected']} layer "
                f"outputs, {format_bytes(r['dissect_bytes_written'])}, {r['dissect_time_sec']:.2f}s, {r['dissect_mode']})",
-               f"- Metadata: [`layers_metadata.json`]({rel}/layers_metadata.json)", "",
+               f"- Metadata: [`layers_metadata.json`]({rel}/layers_metadata.json)",
+               f"- Status: {r['dissect_status']}", "",
                f"![{r['class_name']} overview]({rel}/overview.png)", ""]
     return "\n".join(md) + "\n"
 
@@ -1713,7 +2321,7 @@ def generate_reports(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float)
     paths = [cfg.results_dir / f"benchmark_results_{cfg.timestamp}.json",
              cfg.results_dir / f"benchmark_summary_{cfg.timestamp}.csv",
              cfg.results_dir / f"benchmark_report_{cfg.timestamp}.md"]
-    texts = [json.dumps(payload, indent=2, default=str), csv_text(outcome.results), markdown_text(payload, cfg)]
+    texts = [json.dumps(payload, indent=2, default=str, ensure_ascii=False), csv_text(outcome.results), markdown_text(payload, cfg)]
     for path, text in zip(paths, texts):
         atomic_write_text(path, text)
     return paths
@@ -1763,6 +2371,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds, e.g. 3600") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds, e.g. 3600")
+    return value
+
+
 def device_name(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text.strip().lower()):
         raise argparse.ArgumentTypeError(f"'{text}' is not a device. Valid: auto, cpu, cuda, cuda:N")
@@ -1773,7 +2391,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="unified_benchmark.py", description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog="Models: " + ", ".join(c.SHORT_NAME for c in MODEL_REGISTRY) + ". "
-                                   "Exit codes: 0 ok, 1 a model failed, 2 usage or input problem, "
+                                   "Exit codes: 0 ok, 1 a model failed, crashed or timed out, 2 usage or input problem, "
                                    "3 another run holds the output folder, 130/143 interrupted.")
     parser.add_argument("--models", help="comma-separated model names or class names (default: all eight)")
     parser.add_argument("--images", type=Path, help="folder of .jpg/.jpeg/.png images (default: test_data/)")
@@ -1791,7 +2409,14 @@ def build_parser() -> ArgumentParser:
                         help="single-pass (default): one forward with hooks on every leaf; "
                              "per-layer: the spec's one forward per leaf module")
     parser.add_argument("--keep-going", action="store_true",
-                        help="record a failed model in the reports and continue (default: fail fast)")
+                        help="record a failed model in the reports and continue (default: stop at the first "
+                             "failure; the finished models are reported either way)")
+    parser.add_argument("--isolation", choices=ISOLATION_MODES, default="process",
+                        help="process (default): each model in a fresh worker process, so cold starts do not "
+                             "depend on the order and a crash costs one row; none: all in this process "
+                             "(for debuggers and profilers)")
+    parser.add_argument("--model-timeout", type=positive_seconds, metavar="SEC",
+                        help="stop a model's worker after SEC seconds and record it as timed_out (default: none)")
     parser.add_argument("--list", action="store_true", help="list the models and whether each is available now")
     return parser
 
@@ -1992,23 +2617,24 @@ def run(args: argparse.Namespace) -> int:
     lock = RunLock(output_dir)
     lock.acquire()
     try:
-        cfg = RunConfig(models=classes, images=images, image_source=image_source, runs=args.runs, device=device,
-                        weights=args.weights, models_dir=args.models_dir, output_dir=output_dir,
-                        dissect=not args.no_dissect, dissect_mode=args.dissect_mode, keep_going=args.keep_going,
-                        timestamp=claim_timestamp(output_dir), skips=skips)
-        log(f"Run {cfg.timestamp}: {len(classes)} model(s), {len(images)} image(s), {cfg.runs} run(s) per image, "
-            f"{cfg.weights} weights, device {device}")
-        start = time.perf_counter()
-        with termination_signals():
-            outcome = run_benchmark(cfg)
-        total_time_sec = time.perf_counter() - start
-        if outcome.complete or cfg.keep_going:
+        with tempfile.TemporaryDirectory(prefix="vision-bench-") as work_dir:
+            cfg = RunConfig(models=classes, images=images, image_source=image_source, runs=args.runs, device=device,
+                            weights=args.weights, models_dir=args.models_dir.resolve(), output_dir=output_dir,
+                            dissect=not args.no_dissect, dissect_mode=args.dissect_mode, keep_going=args.keep_going,
+                            isolation=args.isolation, model_timeout_sec=args.model_timeout, work_dir=Path(work_dir),
+                            timestamp=claim_timestamp(output_dir), skips=skips)
+            log(f"Run {cfg.timestamp}: {len(classes)} model(s), {len(images)} image(s), {cfg.runs} run(s) per image, "
+                f"{cfg.weights} weights, device {device}, isolation {cfg.isolation}")
+            start = time.perf_counter()
+            with termination_signals():
+                outcome = run_benchmark(cfg)
+            total_time_sec = time.perf_counter() - start
+        if outcome.interrupted_by and not cfg.keep_going:
+            log(f"No reports written (interrupted by {outcome.interrupted_by}; with --keep-going the finished "
+                f"models are reported)", "ERROR")
+        else:
             paths = generate_reports(outcome, cfg, total_time_sec)
             print_summary(outcome, cfg, total_time_sec, paths)
-        else:
-            why = f"interrupted by {outcome.interrupted_by}" if outcome.interrupted_by else "fail-fast"
-            log(f"No reports written ({why}: the spec saves no partial results; with --keep-going the "
-                f"finished models are reported)", "ERROR")
         return outcome.exit_code
     finally:
         lock.release()
@@ -2016,7 +2642,12 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     with plain_output():
+        if argv[:1] == ["--worker"]:  # internal: one model's worker process (see WorkerProcess)
+            return worker_main(Path(argv[1]), int(argv[2]))
+        if argv[:1] == ["--build-random"]:  # internal: see prepare_random_checkpoint
+            return build_random_main(argv[1], Path(argv[2]))
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as e:  # --help

@@ -147,7 +147,7 @@ def test_hooks_are_removed_after_an_error_inside_a_hook(tmp_path):
 def test_yolo11n_detect_every_call_of_the_shared_silu(tmp_path, bus_image, cpu):
     bench = ub.YOLO11nDetectBenchmark(cpu, "random")
     bench.load()
-    bench.record_input_shape(bus_image)
+    bench.infer(bus_image)  # sets the input shape
     summary = bench.dissect_layers(bus_image, tmp_path / "yolo", verbose=False)
     assert summary["total_leaf_modules"] == 181 and summary["total_outputs"] == 259
     silu = [l for l in summary["layers"] if l["type"] == "SiLU"]
@@ -160,7 +160,7 @@ def test_yolo11n_detect_every_call_of_the_shared_silu(tmp_path, bus_image, cpu):
 def test_dav2_backbone_tokens_become_pictures(tmp_path, bus_image, cpu):
     bench = ub.DepthAnythingV2SmallBenchmark(cpu, "random")
     bench.load()
-    bench.record_input_shape(bus_image)
+    bench.infer(bus_image)  # sets the input shape
     h, w = (s // 14 for s in bench.input_shape[-2:])
     summary = bench.dissect_layers(bus_image, tmp_path / "dav2", verbose=False)
     fc2 = next(l for l in summary["layers"] if l["name"] == "backbone.encoder.layer.0.mlp.fc2")

@@ -41,8 +41,7 @@ def measure(short_name: str, image) -> None:
     (cls,) = ub.resolve_models(short_name)
     bench = cls(torch.device("cpu"), "random")
     bench.load()
-    bench.record_input_shape(image)
-    bench.infer(image)  # warm, so neither mode pays first-call costs
+    bench.infer(image)  # warm, so neither mode pays first-call costs (and sets the input shape)
     infer_peak = peak_rss_mb(lambda: bench.infer(image))
     with tempfile.TemporaryDirectory() as tmp:
         single = {}
