@@ -10,7 +10,21 @@ under results/, pictures under viz/<timestamp>/<ClassName>/.
     python unified_benchmark.py --weights random --models yolo11n-detect,mobilesam
     python unified_benchmark.py --help
 
-Importing this module has no side effects; main(argv) returns the exit code.
+Importing this module has no side effects; main(argv) returns the exit code. Each model
+runs in a fresh worker process that runs this same file (--isolation none: in this one).
+
+Sections, in dependency order:
+    Constants and logging     exit codes, log(), the errors a user can act on
+    Utilities                 images, files, versions
+    Timing and memory         clocks, peaks, runtime init, module-call counter, host activity
+    Statistics                pure functions: latency statistics, noise verdicts
+    Layer dissection          hooks on every leaf, pictures and arrays
+    The base class            ModelBenchmark: everything the models share
+    The eight models          one subclass each, and MODEL_REGISTRY
+    One model's benchmark     the phases of one model, run inside its worker
+    The runner                worker processes, supervised: crashes, timeouts, signals
+    Reports                   JSON, CSV, Markdown
+    CLI and main              options, preflight, lock, main()
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ import csv
 import ctypes
 import fcntl
 import gc
+import hashlib
 import importlib
 import importlib.metadata
 import io
@@ -36,12 +51,14 @@ import selectors
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
+import uuid
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -78,7 +95,7 @@ REDUCED_CONFIG_ENV = "VISION_BENCH_REDUCED_CONFIG"  # "1": small test configs (r
 LOCK_FILE_NAME = ".vision-bench.lock"
 HF_HOST, ASSETS_HOST = "huggingface.co", "github.com"
 
-EXIT_OK, EXIT_MODEL_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+EXIT_OK, EXIT_MODEL_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_REGRESSION = 0, 1, 2, 3, 4
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
@@ -228,6 +245,23 @@ def network_allowed() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False")
 
 
+@contextlib.contextmanager
+def termination_signals():
+    """SIGTERM (a cron timeout) raises RunInterrupted so cleanup runs; restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise RunInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # -- images ----------------------------------------------------------------------------
 
 
@@ -271,9 +305,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def find_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
     try:
+        if not folder.is_dir():
+            return []
         return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     except OSError as e:
         raise UsageError(f"image folder {folder} cannot be listed ({e.strerror or e}): "
@@ -1436,7 +1470,11 @@ class YOLO11Benchmark(UltralyticsBenchmark):
 
     def postprocess(self, outputs: Any, image: Image.Image) -> Any:
         from ultralytics.utils import ops
-        from ultralytics.utils.nms import non_max_suppression
+
+        try:
+            from ultralytics.utils.nms import non_max_suppression
+        except ImportError:  # early Ultralytics 8.3 releases kept NMS in ops
+            non_max_suppression = ops.non_max_suppression
 
         preds, protos = split_yolo_outputs(outputs)
         det = non_max_suppression(preds, conf_thres=0.25, iou_thres=0.7, nc=len(self.model.names))[0]
@@ -1707,8 +1745,8 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
             log(f"{cls.__name__} figures are noisy: {'; '.join(noise)}. Run again on a quiet machine", "WARNING")
         dissection = dissect_model(bench, job, progress) if job.dissect else None
         info = bench.get_info()
+        progress.update(phase="cleanup", image=None)  # on failure the phase stays where it failed
     finally:
-        progress.update(phase="cleanup", image=None)
         log("Clearing model and GPU cache...", "CLEANUP")
         bench.cleanup()
     after_cleanup = get_memory_usage(device)
@@ -1857,6 +1895,7 @@ class RunConfig:
     model_timeout_sec: float | None = None
     work_dir: Path | None = None     # the run's temporary files: worker jobs, random checkpoints
     timestamp: str = ""
+    started_at: str = ""             # ISO time: orders runs in the history
     skips: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -2100,7 +2139,348 @@ def run_benchmark(cfg: RunConfig) -> RunOutcome:
 
 
 # --------------------------------------------------------------------------------------
-# Reports
+# History and verdicts: SQLite run history, regression verdicts, comparison
+# --------------------------------------------------------------------------------------
+
+HISTORY_FILE_NAME = "history.sqlite"
+HISTORY_SCHEMA_VERSION = 1
+BASELINE_MAX_RUNS = 10           # earlier runs a verdict compares against, most recent first
+BASELINE_MIN_RUNS = 3            # fewer: "insufficient data"
+VERDICT_ALPHA = 0.01             # one-sided exact Mann-Whitney U
+WARM_MIN_RATIO = 1.10            # warm median ratio a verdict needs at least ...
+COLD_MIN_RATIO = 1.25            # ... and the cold start
+NOISE_BAND_FACTOR = 4.0          # ... or 1 + 4 x the robust CV of the past, when wider
+MEMORY_MIN_REL, MEMORY_MIN_MB = 0.05, 64.0   # memory peak: both must be exceeded
+ENV_KEYS_COMPARED = ("torch", "transformers", "ultralytics", "cuda_version", "cudnn_version", "python", "os")
+FLAGGED = ("suspicious", "regression")
+
+HISTORY_SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY, started_at TEXT NOT NULL, timestamp TEXT, machine_key TEXT NOT NULL,
+    hostname TEXT, environment TEXT NOT NULL, complete INTEGER, source TEXT NOT NULL);
+CREATE TABLE model_results (
+    run_id TEXT NOT NULL REFERENCES runs(run_id), class_name TEXT NOT NULL, model_name TEXT,
+    config_key TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL, noisy INTEGER,
+    load_time_sec REAL, runtime_init_sec REAL, download_sec REAL, cold_inference_sec REAL,
+    warm_median_sec REAL, mem_peak_mb REAL, rss_peak_mb REAL, cuda_peak_allocated_mb REAL,
+    total_params INTEGER, input_shape TEXT, row TEXT NOT NULL, PRIMARY KEY (run_id, class_name));
+CREATE TABLE samples (
+    run_id TEXT NOT NULL, class_name TEXT NOT NULL, image TEXT NOT NULL, run INTEGER NOT NULL,
+    inference_sec REAL NOT NULL, preprocess_sec REAL, postprocess_sec REAL, peak_mb REAL, input_shape TEXT,
+    PRIMARY KEY (run_id, class_name, image, run));
+CREATE TABLE verdicts (
+    run_id TEXT NOT NULL, class_name TEXT NOT NULL, metric TEXT NOT NULL, verdict TEXT NOT NULL,
+    baseline REAL, now REAL, ratio REAL, p_value REAL, threshold REAL, baseline_runs INTEGER, detail TEXT,
+    PRIMARY KEY (run_id, class_name, metric));
+CREATE INDEX model_results_by_config ON model_results (config_key, class_name);
+"""
+# Later schema versions add entries here: version -> SQL that upgrades the previous one.
+HISTORY_MIGRATIONS: dict[int, str] = {}
+
+
+def short_hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def machine_key(env: dict) -> str:
+    """Stable fields only (never readings that change between boots): host, CPU, GPU and count."""
+    gpu_count = env.get("gpu_count", 1 if env.get("gpu_name") else 0)
+    return short_hash([env.get("hostname"), env.get("cpu_model"), env.get("gpu_name"), gpu_count])
+
+
+def image_fingerprints(paths: list[Path]) -> list[dict]:
+    """Name, size and content hash of each image: the image set is part of a configuration."""
+    prints = []
+    for path in paths:
+        entry: dict[str, Any] = {"name": Path(path).name}
+        with contextlib.suppress(OSError):
+            data = Path(path).read_bytes()
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        prints.append(entry)
+    return prints
+
+
+def model_config(payload: dict, row: dict) -> dict:
+    """What must match for two figures to be comparable (library versions are not part of it)."""
+    return {
+        "model": row["class_name"],
+        "weights": payload.get("weights"),
+        "device_type": str(payload.get("device", "cpu")).split(":")[0],
+        "input_size": row.get("input_size"),
+        "images": payload.get("image_set") or image_fingerprints([Path(p) for p in payload.get("images", [])]),
+        "runs_per_image": payload.get("num_inference_runs"),
+        "isolation": payload.get("isolation", "none"),  # reports before worker processes ran in one process
+        "options": payload.get("options", {}),
+    }
+
+
+def robust_cv(values: list[float]) -> float:
+    """Median absolute deviation over the median: a spread that one outlier cannot inflate."""
+    median = float(np.median(values))
+    return float(np.median(np.abs(np.asarray(values) - median))) / median if median > 0 else 0.0
+
+
+def escalate(previous: str | None) -> str:
+    """A change seen for the first time is suspicious; seen again in the next run, a regression."""
+    return "regression" if previous in FLAGGED else "suspicious"
+
+
+def warm_verdict(now: list[float], past: list[list[float]], previous: str | None = None) -> dict:
+    """This run's warm samples against the pooled warm samples of earlier runs (most recent first).
+
+    Slower when an exact one-sided Mann-Whitney U test says so at VERDICT_ALPHA AND the median
+    ratio reaches max(WARM_MIN_RATIO, 1 + 4 x robust CV of the past runs' medians): the test
+    alone fires on run-to-run drift, the ratio alone on one noisy run.
+    """
+    from scipy.stats import mannwhitneyu
+
+    past = [p for p in past if p][:BASELINE_MAX_RUNS]
+    if len(past) < BASELINE_MIN_RUNS or not now:
+        return {"verdict": "insufficient data", "baseline_runs": len(past)}
+    pooled = [t for p in past for t in p]
+    baseline, current = float(np.median(pooled)), float(np.median(now))
+    ratio = current / baseline
+    threshold = max(WARM_MIN_RATIO, 1 + NOISE_BAND_FACTOR * robust_cv([float(np.median(p)) for p in past]))
+    side = "greater" if ratio >= 1 else "less"
+    p_value = float(mannwhitneyu(now, pooled, alternative=side, method="exact").pvalue)
+    if p_value < VERDICT_ALPHA and ratio >= threshold:
+        verdict = escalate(previous)
+    elif p_value < VERDICT_ALPHA and ratio <= 1 / threshold:
+        verdict = "faster"
+    else:
+        verdict = "no change"
+    return {"verdict": verdict, "baseline": baseline, "now": current, "ratio": ratio, "p_value": p_value,
+            "threshold": threshold, "baseline_runs": len(past)}
+
+
+def cold_verdict(now: float | None, past: list[float], previous: str | None = None) -> dict:
+    """One cold start against the median of the last cold starts: max(1.25, 1 + 4 x MAD/median)."""
+    past = [p for p in past if p is not None][:BASELINE_MAX_RUNS]
+    if len(past) < BASELINE_MIN_RUNS or now is None:
+        return {"verdict": "insufficient data", "baseline_runs": len(past)}
+    baseline = float(np.median(past))
+    ratio = now / baseline
+    threshold = max(COLD_MIN_RATIO, 1 + NOISE_BAND_FACTOR * robust_cv(past))
+    verdict = escalate(previous) if ratio >= threshold else "faster" if ratio <= 1 / threshold else "no change"
+    return {"verdict": verdict, "baseline": baseline, "now": now, "ratio": ratio, "threshold": threshold,
+            "baseline_runs": len(past)}
+
+
+def memory_verdict(now_mb: float | None, past_mb: list[float], previous: str | None = None) -> dict:
+    """A memory peak more than 5% and more than 64 MiB above the median of the last runs."""
+    past_mb = [p for p in past_mb if p is not None][:BASELINE_MAX_RUNS]
+    if len(past_mb) < BASELINE_MIN_RUNS or now_mb is None:
+        return {"verdict": "insufficient data", "baseline_runs": len(past_mb)}
+    baseline = float(np.median(past_mb))
+    delta = now_mb - baseline
+    beyond = abs(delta) > MEMORY_MIN_REL * baseline and abs(delta) > MEMORY_MIN_MB
+    verdict = (escalate(previous) if delta > 0 else "lower") if beyond else "no change"
+    return {"verdict": verdict, "baseline": baseline, "now": now_mb, "ratio": now_mb / baseline if baseline else None,
+            "threshold": 1 + MEMORY_MIN_REL, "baseline_runs": len(past_mb)}
+
+
+def warm_samples(row: dict) -> list[float]:
+    return [r["inference_sec"] for r in row.get("runs", []) if r["run"] > 1]
+
+
+def environment_changes(now: dict, before: dict | None) -> list[str]:
+    """Library and system versions that differ from the most recent earlier run ('torch 2.4 -> 2.5')."""
+    if not before:
+        return []
+    return [f"{k} {before.get(k)} -> {now.get(k)}" for k in ENV_KEYS_COMPARED if before.get(k) != now.get(k)]
+
+
+def payload_from_report(path: Path) -> dict:
+    """A report JSON (this version's or an earlier one's) with run id, start time and keys filled in."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is not a readable report JSON ({e})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("results"), list):
+        raise UsageError(f"{path} is not a vision-bench report: no 'results' list")
+    env = payload.setdefault("environment", {})
+    env.setdefault("hostname", socket.gethostname())  # reports before run ids: the importing host's
+    payload.setdefault("run_id", str(uuid.uuid5(uuid.NAMESPACE_URL, hashlib.sha256(path.read_bytes()).hexdigest())))
+    stamp = payload.get("timestamp") or "19700101_000000"
+    payload.setdefault("started_at", datetime.strptime(stamp, TIMESTAMP_FORMAT).isoformat())
+    payload.setdefault("machine_key", machine_key(env))
+    return payload
+
+
+class HistoryStore:
+    """Every run remembered in SQLite (WAL): runs, per-model results, raw samples, verdicts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, timeout=30)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise OutputError(f"history store {path} cannot be used ({e}): move it aside, or pass --history "
+                              f"PATH or --no-history") from e
+
+    def _migrate(self) -> None:
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "meta" not in tables:
+            with self.db:
+                self.db.executescript(HISTORY_SCHEMA_V1)
+                self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(HISTORY_SCHEMA_VERSION),))
+            return
+        version = int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        if version > HISTORY_SCHEMA_VERSION:
+            raise OutputError(f"history store {self.path} has schema {version}, written by a newer vision-bench "
+                              f"(this one reads up to {HISTORY_SCHEMA_VERSION}): upgrade, or pass --history PATH")
+        with self.db:
+            for step in range(version + 1, HISTORY_SCHEMA_VERSION + 1):
+                self.db.executescript(HISTORY_MIGRATIONS[step])
+            self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(HISTORY_SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        self.db.close()
+
+    def has_run(self, run_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone() is not None
+
+    def add_run(self, payload: dict, source: str) -> bool:
+        """Store a run with its raw samples; False when the run id is already there."""
+        if self.has_run(payload["run_id"]):
+            return False
+        env, run_id = payload["environment"], payload["run_id"]
+        with self.db:
+            self.db.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?)",
+                            (run_id, payload["started_at"], payload.get("timestamp"), payload["machine_key"],
+                             env.get("hostname"), json.dumps(env), int(bool(payload.get("complete"))), source))
+            for row in payload["results"]:
+                self._add_result(run_id, payload, row)
+        return True
+
+    def _add_result(self, run_id: str, payload: dict, row: dict) -> None:
+        config = model_config(payload, row)
+        slim = {k: v for k, v in row.items() if k != "runs"}
+        self.db.execute(
+            "INSERT INTO model_results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (run_id, row["class_name"], row.get("model_name"), short_hash(config), json.dumps(config), row["status"],
+             int(bool(row.get("noisy"))), row.get("load_time_sec"), row.get("runtime_init_sec"), row.get("download_sec"),
+             row.get("cold_inference_sec"), row.get("warm_median_sec"), row.get("mem_peak_mb"), row.get("rss_peak_mb"),
+             row.get("cuda_peak_allocated_mb"), row.get("total_params"), json.dumps(row.get("input_shape")),
+             json.dumps(slim, default=str)))
+        self.db.executemany("INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?,?,?,?,?)", [
+            (run_id, row["class_name"], r["image"], r["run"], r["inference_sec"], r.get("preprocess_sec"),
+             r.get("postprocess_sec"), r.get("peak_mb"), json.dumps(r.get("input_shape"))) for r in row.get("runs", [])])
+
+    def earlier(self, payload: dict, row: dict) -> list[dict]:
+        """Earlier ok runs of this model with the same machine and configuration, most recent first."""
+        config_key = short_hash(model_config(payload, row))
+        found = self.db.execute(
+            "SELECT m.run_id, m.row, r.environment, r.started_at FROM model_results m JOIN runs r USING (run_id) "
+            "WHERE m.config_key=? AND m.class_name=? AND r.machine_key=? AND r.started_at<? AND m.status='ok' "
+            "ORDER BY r.started_at DESC", (config_key, row["class_name"], payload["machine_key"], payload["started_at"]))
+        runs = []
+        for rec in found:
+            earlier = json.loads(rec["row"])
+            earlier["runs"] = self.samples(rec["run_id"], row["class_name"])
+            earlier.update(run_id=rec["run_id"], started_at=rec["started_at"], environment=json.loads(rec["environment"]),
+                           verdicts=self.verdicts(rec["run_id"], row["class_name"]))
+            runs.append(earlier)
+        return runs
+
+    def samples(self, run_id: str, class_name: str) -> list[dict]:
+        rows = self.db.execute("SELECT image, run, inference_sec, preprocess_sec, postprocess_sec, peak_mb, input_shape "
+                               "FROM samples WHERE run_id=? AND class_name=? ORDER BY rowid", (run_id, class_name))
+        return [{**dict(r), "input_shape": json.loads(r["input_shape"])} for r in rows]
+
+    def verdicts(self, run_id: str, class_name: str) -> dict[str, str]:
+        rows = self.db.execute("SELECT metric, verdict FROM verdicts WHERE run_id=? AND class_name=?", (run_id, class_name))
+        return {r["metric"]: r["verdict"] for r in rows}
+
+    def add_verdicts(self, run_id: str, verdicts: list[dict]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO verdicts VALUES (?,?,?,?,?,?,?,?,?,?,?)", [
+                (run_id, v["class_name"], v["metric"], v["verdict"], v.get("baseline"), v.get("now"), v.get("ratio"),
+                 v.get("p_value"), v.get("threshold"), v.get("baseline_runs"),
+                 json.dumps({"notes": v.get("notes", []), "env_changes": v.get("env_changes", [])}))
+                for v in verdicts])
+
+    def payload(self, run_id: str) -> dict | None:
+        """A stored run in the shape of a report payload (for --compare by run id)."""
+        run = self.db.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if run is None:
+            return None
+        results = []
+        for rec in self.db.execute("SELECT class_name, row FROM model_results WHERE run_id=? ORDER BY rowid", (run_id,)):
+            results.append({**json.loads(rec["row"]), "runs": self.samples(run_id, rec["class_name"])})
+        return {"run_id": run_id, "timestamp": run["timestamp"], "started_at": run["started_at"],
+                "machine_key": run["machine_key"], "environment": json.loads(run["environment"]), "results": results}
+
+    def trend(self, payload: dict, row: dict) -> list[dict]:
+        """This model's runs in this configuration, oldest first, with their warm verdicts (for plots)."""
+        config_key = short_hash(model_config(payload, row))
+        found = self.db.execute(
+            "SELECT m.run_id, m.warm_median_sec, r.started_at, v.verdict, v.baseline, v.threshold FROM model_results m "
+            "JOIN runs r USING (run_id) LEFT JOIN verdicts v ON v.run_id=m.run_id AND v.class_name=m.class_name "
+            "AND v.metric='warm latency' WHERE m.config_key=? AND m.class_name=? AND r.machine_key=? "
+            "AND m.status='ok' AND r.started_at<=? ORDER BY r.started_at",
+            (config_key, row["class_name"], payload["machine_key"], payload["started_at"]))
+        return [dict(r) for r in found]
+
+
+def judge_model(row: dict, earlier: list[dict], environment: dict) -> list[dict]:
+    """Every verdict for one model of this run against its earlier runs (most recent first)."""
+    previous = earlier[0]["verdicts"] if earlier else {}
+
+    def usable(metric: str) -> list[dict]:  # a pending suspicion is not a baseline
+        return [e for e in earlier if e["verdicts"].get(metric) != "suspicious"]
+
+    verdicts = [
+        {"metric": "warm latency", **warm_verdict(warm_samples(row), [warm_samples(e) for e in usable("warm latency")],
+                                                  previous.get("warm latency"))},
+        {"metric": "cold start", **cold_verdict(row.get("cold_inference_sec"),
+                                                [e.get("cold_inference_sec") for e in usable("cold start")],
+                                                previous.get("cold start"))},
+        {"metric": "memory peak", **memory_verdict(row.get("mem_peak_mb"), [e.get("mem_peak_mb") for e in usable("memory peak")],
+                                                   previous.get("memory peak"))},
+    ]
+    if earlier:
+        for metric, key in (("parameters", "total_params"), ("input shape", "input_shape")):
+            if earlier[0].get(key) != row.get(key):
+                verdicts.append({"metric": metric, "verdict": "changed", "baseline": None, "now": None,
+                                 "detail": f"{earlier[0].get(key)} -> {row.get(key)}"})
+    changes = environment_changes(environment, earlier[0]["environment"] if earlier else None)
+    notes = [f"this run was noisy: {'; '.join(row.get('noise_reasons', []))}"] if row.get("noisy") else []
+    return [{"model_name": row["model_name"], "class_name": row["class_name"], **v, "env_changes": changes,
+             "notes": notes} for v in verdicts]
+
+
+def judge_run(store: HistoryStore, payload: dict) -> list[dict]:
+    """Verdicts for every ok model of a stored run, stored beside it."""
+    verdicts = []
+    for row in payload["results"]:
+        if row["status"] == "ok":
+            verdicts += judge_model(row, store.earlier(payload, row), payload["environment"])
+    store.add_verdicts(payload["run_id"], verdicts)
+    return verdicts
+
+
+def import_reports(store: HistoryStore, folder: Path) -> tuple[int, int]:
+    """Load benchmark_results_*.json files into the history, idempotent by run id: (added, already there)."""
+    if not folder.is_dir():
+        raise UsageError(f"--import-reports {folder}: not a folder")
+    added = present = 0
+    for path in sorted(folder.glob("benchmark_results_*.json")):
+        payload = payload_from_report(path)
+        if store.add_run(payload, f"import:{path}"):
+            added += 1
+        else:
+            present += 1
+    return added, present
+
+
+# --------------------------------------------------------------------------------------
+# Reports and plots
 # --------------------------------------------------------------------------------------
 
 SPEC_CSV_COLUMNS = [
@@ -2139,6 +2519,8 @@ def environment(device: torch.device) -> dict:
         "cuda_version": torch.version.cuda,
         "cudnn_version": torch.backends.cudnn.version() if cuda else None,
         "gpu_name": torch.cuda.get_device_name(device if device.type == "cuda" else 0) if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "hostname": socket.gethostname(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -2150,7 +2532,11 @@ def environment(device: torch.device) -> dict:
 
 
 def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float) -> dict:
+    env = environment(cfg.device)
     return {
+        "run_id": str(uuid.uuid4()),
+        "started_at": cfg.started_at,
+        "machine_key": machine_key(env),
         "timestamp": cfg.timestamp,
         "total_execution_time_sec": total_time_sec,
         "device": str(cfg.device),
@@ -2161,10 +2547,12 @@ def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float) -
         "weights": cfg.weights,
         "image_source": cfg.image_source,
         "images": [str(p) for p in cfg.images],
+        "image_set": image_fingerprints(cfg.images),
         "dissect_mode": cfg.dissect_mode if cfg.dissect else None,
         "isolation": cfg.isolation,
         "model_timeout_sec": cfg.model_timeout_sec,
-        "environment": environment(cfg.device),
+        "options": {},
+        "environment": env,
         "results": outcome.results,
     }
 
@@ -2300,6 +2688,9 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
         if downloaded:
             md += [f"- **Downloaded weights this run:** {', '.join(downloaded)} (download time is reported "
                    "apart and not counted in the load time)", ""]
+    md += changes_markdown(payload)
+    if payload.get("plots"):
+        md += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in payload["plots"]] + [""]
     dissected = [r for r in ok if r.get("viz_dir")]
     md += ["## Visualizations", ""]
     if not dissected:
@@ -2315,16 +2706,304 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
     return "\n".join(md) + "\n"
 
 
-def generate_reports(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float) -> list[Path]:
-    """Write the JSON, CSV and Markdown reports, each atomically."""
-    payload = report_payload(outcome, cfg, total_time_sec)
+def load_run(ref: str, history: Path | None) -> dict:
+    """--compare's A or B: a report JSON file, or a run id in the history store."""
+    path = Path(ref)
+    if path.is_file():
+        return payload_from_report(path)
+    if history is not None and history.is_file():
+        store = HistoryStore(history)
+        try:
+            payload = store.payload(ref)
+        finally:
+            store.close()
+        if payload is not None:
+            return payload
+    raise UsageError(f"--compare {ref}: neither a report JSON file nor a run id in {history or 'the history'}")
+
+
+def compare_rows(a: dict, b: dict) -> tuple[list[dict], bool]:
+    """Per model in both runs: medians, ratio B/A, two-sided exact Mann-Whitney p and a verdict.
+    Across machines only ratios mean something: no p-value and no verdict there."""
+    from scipy.stats import mannwhitneyu
+
+    same_machine = a["machine_key"] == b["machine_key"]
+    rows_b = {r["class_name"]: r for r in b["results"] if r["status"] == "ok"}
+    rows = []
+    for ra in a["results"]:
+        rb = rows_b.get(ra["class_name"])
+        if ra["status"] != "ok" or rb is None:
+            continue
+        wa, wb = warm_samples(ra), warm_samples(rb)
+        ma = float(np.median(wa)) if wa else ra.get("avg_inference_sec")
+        mb = float(np.median(wb)) if wb else rb.get("avg_inference_sec")
+        ratio = mb / ma if ma else None
+        p_value = verdict = None
+        if same_machine and len(wa) and len(wb):
+            p_value = float(mannwhitneyu(wb, wa, alternative="two-sided", method="exact").pvalue)
+            significant = p_value < VERDICT_ALPHA
+            verdict = ("slower" if significant and ratio >= WARM_MIN_RATIO else
+                       "faster" if significant and ratio <= 1 / WARM_MIN_RATIO else "no change")
+        rows.append({"model_name": ra["model_name"], "median_a": ma, "median_b": mb, "ratio": ratio,
+                     "p_value": p_value, "verdict": verdict, "mem_a": ra.get("mem_peak_mb"),
+                     "mem_b": rb.get("mem_peak_mb"), "params_a": ra.get("total_params"),
+                     "params_b": rb.get("total_params")})
+    return rows, same_machine
+
+
+def run_label(payload: dict) -> str:
+    env = payload["environment"]
+    return f"{env.get('hostname') or '?'} / {env.get('gpu_name') or env.get('cpu_model') or '?'} ({payload.get('timestamp')})"
+
+
+def comparison_text(a: dict, b: dict, rows: list[dict], same_machine: bool) -> list[str]:
+    lines = ["# Comparison", "", f"- A: {run_label(a)}, run {a['run_id']}", f"- B: {run_label(b)}, run {b['run_id']}",
+             "- Ratio: B's warm median over A's (above 1: B is slower)."]
+    if not same_machine:
+        lines.append("- A and B ran on different machines: ratios only (no p-value, no verdict).")
+    env_changes = environment_changes(b["environment"], a["environment"])
+    if env_changes:
+        lines.append("- Versions that differ: " + ", ".join(env_changes))
+    return lines + [""] + table(
+        ["Model", "Warm median A (s)", "Warm median B (s)", "Ratio B/A", "p-value", "Verdict", "Peak MB A",
+         "Peak MB B", "Params A", "Params B"],
+        [[r["model_name"], fmt(r["median_a"]), fmt(r["median_b"]), fmt(r["ratio"], ".3f"), fmt(r["p_value"], ".2g"),
+          r["verdict"] or "n/a", fmt(r["mem_a"], ".0f"), fmt(r["mem_b"], ".0f"), fmt(r["params_a"], ","),
+          fmt(r["params_b"], ",")] for r in rows])
+
+
+def merged_text(payloads: list[dict], labels: list[str], plots: list[str]) -> tuple[str, str]:
+    """One report across machines: models x machines, warm medians, memory, speed-up vs the first."""
+    models = list(dict.fromkeys(r["model_name"] for p in payloads for r in p["results"] if r["status"] == "ok"))
+    cell = {(r["model_name"], i): r for i, p in enumerate(payloads) for r in p["results"] if r["status"] == "ok"}
+
+    def median(model: str, i: int) -> float | None:
+        r = cell.get((model, i))
+        return r and (r.get("warm_median_sec") or r.get("avg_inference_sec"))
+
+    def speedup(model: str, i: int) -> str:
+        first, here = median(model, 0), median(model, i)
+        return f"{first / here:.2f}x" if first and here else "n/a"
+
+    md = ["# Merged Benchmark Report", "", "Machines (speed-ups are relative to the first):", ""]
+    md += [f"{i + 1}. {label}, run {p['run_id']}" for i, (label, p) in enumerate(zip(labels, payloads))] + [""]
+    short = [f"M{i + 1}" for i in range(len(payloads))]
+    md += ["## Warm median (s)", ""] + table(["Model", *short], [[m, *(fmt(median(m, i)) for i in range(len(short)))]
+                                                                 for m in models])
+    md += ["## Speed-up vs M1", ""] + table(["Model", *short], [[m, *(speedup(m, i) for i in range(len(short)))]
+                                                                for m in models])
+    md += ["## Peak memory (MB)", ""] + table(["Model", *short], [
+        [m, *(fmt(cell[(m, i)].get("mem_peak_mb"), ".0f") if (m, i) in cell else "n/a" for i in range(len(short)))]
+        for m in models])
+    md += [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["model_name", "machine", "run_id", "hostname", "gpu", "cpu", "warm_median_sec", "mem_peak_mb",
+                     "speedup_vs_first"])
+    for m in models:
+        for i, p in enumerate(payloads):
+            if (m, i) in cell:
+                env = p["environment"]
+                writer.writerow([m, labels[i], p["run_id"], env.get("hostname"), env.get("gpu_name") or "",
+                                 env.get("cpu_model"), median(m, i), cell[(m, i)].get("mem_peak_mb"), speedup(m, i)])
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+PLOT_DPI = 110
+VERDICT_COLOURS = {"suspicious": "tab:orange", "regression": "tab:red", "faster": "tab:green"}
+
+
+def new_figure(rows: int, width_in: float = 9.0):
+    """A matplotlib Figure drawn by the Agg canvas: no display, no pyplot global state."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width_in, 1.2 + 0.45 * max(rows, 2)), dpi=PLOT_DPI, layout="constrained")
+
+
+def plot_latency(rows: list[dict], path: Path) -> None:
+    """Warm runs per model as points, the cold run marked; log scale (the models differ by 100x)."""
+    fig = new_figure(len(rows))
+    ax = fig.add_subplot()
+    rng = np.random.default_rng(RANDOM_SEED)
+    for y, row in enumerate(rows):
+        warm = warm_samples(row)
+        ax.scatter(warm, y + rng.uniform(-0.15, 0.15, len(warm)), s=14, color="tab:blue", alpha=0.7,
+                   label="warm runs" if y == 0 else None)
+        ax.scatter([row["cold_inference_sec"]], [y], marker="x", s=60, color="tab:red",
+                   label="cold run" if y == 0 else None)
+    ax.set_yticks(range(len(rows)), [r["model_name"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("forward latency (s, log scale)")
+    ax.set_title("Latency per run")
+    ax.grid(axis="x", which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.savefig(path)
+
+
+def plot_phases(rows: list[dict], path: Path) -> None:
+    """Preprocess / forward / postprocess as stacked shares of a run, the total beside each bar."""
+    fig = new_figure(len(rows))
+    ax = fig.add_subplot()
+    parts = [("preprocess", "preprocess_avg_sec", "tab:gray"), ("forward", "avg_inference_sec", "tab:blue"),
+             ("postprocess", "postprocess_avg_sec", "tab:orange")]
+    totals = [sum(r[key] or 0.0 for _, key, _ in parts) for r in rows]
+    left = np.zeros(len(rows))
+    for label, key, colour in parts:
+        share = np.array([100 * (r[key] or 0.0) / t if t else 0.0 for r, t in zip(rows, totals)])
+        ax.barh(range(len(rows)), share, left=left, color=colour, label=label)
+        left += share
+    for y, total in enumerate(totals):
+        ax.text(101, y, f"{total * 1000:.0f} ms", va="center", fontsize="small")
+    ax.set_yticks(range(len(rows)), [r["model_name"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 118)
+    ax.set_xlabel("share of one run (%); total per run beside each bar")
+    ax.set_title("Preprocess / forward / postprocess")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.savefig(path)
+
+
+def plot_memory(rows: list[dict], path: Path) -> None:
+    fig = new_figure(len(rows))
+    ax = fig.add_subplot()
+    ys = range(len(rows))
+    ax.barh(ys, [r["mem_peak_mb"] or 0 for r in rows], color="tab:purple", label="peak")
+    ax.barh(ys, [r["mem_before_mb"] or 0 for r in rows], color="tab:gray", alpha=0.6, label="baseline")
+    ax.set_yticks(ys, [r["model_name"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"memory (MB, {rows[0]['mem_kind']})")
+    ax.set_title("Memory peaks")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.savefig(path)
+
+
+def plot_trend(model_name: str, points: list[dict], path: Path) -> None:
+    """Warm median per run over time, the verdict's threshold band, flagged runs coloured."""
+    fig = new_figure(4)
+    ax = fig.add_subplot()
+    xs = range(len(points))
+    ax.plot(xs, [p["warm_median_sec"] for p in points], marker="o", color="tab:blue", label="warm median")
+    band = [(x, p["baseline"], p["threshold"]) for x, p in zip(xs, points) if p.get("baseline") and p.get("threshold")]
+    if band:
+        bx, base, thr = (np.array(v, dtype=float) for v in zip(*band))
+        ax.fill_between(bx, base / thr, base * thr, color="tab:green", alpha=0.15, label="no-change band")
+    for verdict, colour in VERDICT_COLOURS.items():
+        hit = [(x, p["warm_median_sec"]) for x, p in zip(xs, points) if p.get("verdict") == verdict]
+        if hit:
+            ax.scatter(*zip(*hit), s=80, color=colour, zorder=3, label=verdict)
+    ax.set_xticks(list(xs), [p["started_at"][:16].replace("T", "\n") for p in points], fontsize="x-small")
+    ax.set_ylabel("warm median (s)")
+    ax.set_title(f"{model_name}: warm latency across runs")
+    ax.legend(fontsize="small")
+    fig.savefig(path)
+
+
+def write_plots(rows: list[dict], plots_dir: Path, trends: dict[str, list[dict]]) -> list[Path]:
+    """The run's charts as PNG files; a plotting failure is a warning, never a lost report."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return []
+    written = []
+    try:
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        for name, draw in (("latency", plot_latency), ("phases", plot_phases), ("memory", plot_memory)):
+            draw(ok, plots_dir / f"{name}.png")
+            written.append(plots_dir / f"{name}.png")
+        for row in ok:
+            points = trends.get(row["class_name"], [])
+            if len(points) >= 2:
+                path = plots_dir / f"trend_{row['class_name']}.png"
+                plot_trend(row["model_name"], points, path)
+                written.append(path)
+    except Exception as e:
+        log(f"Plots were not all written ({type(e).__name__}: {e}); the reports are complete without them", "WARNING")
+    return written
+
+
+def plot_merged(payloads: list[dict], labels: list[str], path: Path) -> bool:
+    """Warm medians of every model on every machine as grouped bars (log scale)."""
+    try:
+        models = list(dict.fromkeys(r["model_name"] for p in payloads for r in p["results"] if r["status"] == "ok"))
+        fig = new_figure(len(models) * len(payloads) // 2 + 2)
+        ax = fig.add_subplot()
+        height = 0.8 / len(payloads)
+        for i, (payload, label) in enumerate(zip(payloads, labels)):
+            by_model = {r["model_name"]: r for r in payload["results"] if r["status"] == "ok"}
+            values = [(by_model[m].get("warm_median_sec") or by_model[m]["avg_inference_sec"]) if m in by_model else 0
+                      for m in models]
+            ax.barh(np.arange(len(models)) + i * height, values, height=height, label=f"M{i + 1}: {label}")
+        ax.set_yticks(np.arange(len(models)) + 0.4 - height / 2, models)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("warm median (s, log scale)")
+        ax.set_title("Warm latency per machine")
+        ax.legend(fontsize="x-small", loc="lower right")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        return True
+    except Exception as e:
+        log(f"The merged plot was not written ({type(e).__name__}: {e})", "WARNING")
+        return False
+
+
+def generate_reports(payload: dict, cfg: RunConfig, trends: dict[str, list[dict]]) -> list[Path]:
+    """The plots, then the JSON, CSV and Markdown reports (each written atomically)."""
+    plots = write_plots(payload["results"], cfg.results_dir / f"plots_{cfg.timestamp}", trends)
+    payload["plots"] = [p.relative_to(cfg.results_dir).as_posix() for p in plots]
     paths = [cfg.results_dir / f"benchmark_results_{cfg.timestamp}.json",
              cfg.results_dir / f"benchmark_summary_{cfg.timestamp}.csv",
              cfg.results_dir / f"benchmark_report_{cfg.timestamp}.md"]
-    texts = [json.dumps(payload, indent=2, default=str, ensure_ascii=False), csv_text(outcome.results), markdown_text(payload, cfg)]
+    texts = [json.dumps(payload, indent=2, default=str, ensure_ascii=False), csv_text(payload["results"]),
+             markdown_text(payload, cfg)]
     for path, text in zip(paths, texts):
         atomic_write_text(path, text)
     return paths
+
+
+def verdict_figure(verdict: dict, key: str) -> str:
+    value = verdict.get(key)
+    if value is None:
+        return "n/a"
+    return f"{value:.0f} MB" if verdict["metric"] == "memory peak" else f"{value:.4f} s"
+
+
+def verdict_rows(verdicts: list[dict]) -> list[list[str]]:
+    return [[v["model_name"], v["metric"], verdict_figure(v, "baseline"), verdict_figure(v, "now"),
+             fmt(v.get("ratio"), ".3f"), fmt(v.get("p_value"), ".2g"),
+             v["verdict"] + (f" ({v['detail']})" if v.get("detail") else ""),
+             "; ".join(v["notes"] + ([("versions: " + ", ".join(v["env_changes"]))] if v["env_changes"] else [])) or "-"]
+            for v in verdicts]
+
+
+VERDICT_HEADER = ["Model", "Metric", "Baseline", "Now", "Ratio", "p-value", "Verdict", "Notes"]
+
+
+def changes_markdown(payload: dict) -> list[str]:
+    md = ["## Changes since earlier runs", ""]
+    verdicts = payload.get("verdicts")
+    if verdicts is None:
+        return md + [payload.get("history_note") or "No run history (--no-history).", ""]
+    return md + [
+        f"Against earlier runs on this machine with the same configuration (history: `{payload['history']}`). "
+        f"Warm latency: exact one-sided Mann-Whitney U at alpha {VERDICT_ALPHA} against the pooled warm runs of "
+        f"the last {BASELINE_MIN_RUNS}-{BASELINE_MAX_RUNS} runs AND a median ratio of at least "
+        f"max({WARM_MIN_RATIO}, 1 + 4 x robust CV of their medians); cold start: ratio to the median of the last "
+        f"cold starts of at least max({COLD_MIN_RATIO}, 1 + 4 x MAD/median); memory: over {MEMORY_MIN_REL:.0%} "
+        f"and {MEMORY_MIN_MB:.0f} MiB above the median. A first occurrence is suspicious, the same in the next "
+        "run a regression.", ""] + table(VERDICT_HEADER, verdict_rows(verdicts))
+
+
+def print_changes(payload: dict) -> None:
+    """The verdicts on the console, one line each, plain ASCII."""
+    verdicts = payload.get("verdicts")
+    if not verdicts:
+        return
+    banner("CHANGES SINCE EARLIER RUNS")
+    for row in verdict_rows(verdicts):
+        level = "WARNING" if any(word in row[6] for word in FLAGGED) else "VERDICT"
+        log(f"{row[0]} {row[1]}: {row[6]} (baseline {row[2]}, now {row[3]}, ratio {row[4]}, p {row[5]}) {row[7]}",
+            level)
 
 
 def print_summary(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, paths: list[Path]) -> None:
@@ -2392,7 +3071,8 @@ def build_parser() -> ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog="Models: " + ", ".join(c.SHORT_NAME for c in MODEL_REGISTRY) + ". "
                                    "Exit codes: 0 ok, 1 a model failed, crashed or timed out, 2 usage or input problem, "
-                                   "3 another run holds the output folder, 130/143 interrupted.")
+                                   "3 another run holds the output folder, 4 a regression with "
+                                   "--fail-on-regression, 130/143 interrupted.")
     parser.add_argument("--models", help="comma-separated model names or class names (default: all eight)")
     parser.add_argument("--images", type=Path, help="folder of .jpg/.jpeg/.png images (default: test_data/)")
     parser.add_argument("--runs", type=positive_int, default=NUM_INFERENCE_RUNS,
@@ -2418,6 +3098,20 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--model-timeout", type=positive_seconds, metavar="SEC",
                         help="stop a model's worker after SEC seconds and record it as timed_out (default: none)")
     parser.add_argument("--list", action="store_true", help="list the models and whether each is available now")
+    history = parser.add_argument_group("history and verdicts")
+    history.add_argument("--history", type=Path, metavar="PATH",
+                         help=f"run history (SQLite) to store this run in and judge it against "
+                              f"(default: results/{HISTORY_FILE_NAME} in the output folder)")
+    history.add_argument("--no-history", action="store_true", help="neither store this run nor judge it")
+    history.add_argument("--fail-on-regression", action="store_true",
+                         help=f"exit {EXIT_REGRESSION} when any verdict is 'regression' (for cron mail)")
+    tools = parser.add_argument_group("tools (run no model)").add_mutually_exclusive_group()
+    tools.add_argument("--import-reports", type=Path, metavar="DIR",
+                       help="load DIR's benchmark_results_*.json into the history (idempotent)")
+    tools.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                       help="compare two runs (report JSON files or run ids in the history), per model")
+    tools.add_argument("--merge", nargs="+", metavar="FILE",
+                       help="merge report JSON files from several machines into one report")
     return parser
 
 
@@ -2543,23 +3237,6 @@ def claim_timestamp(output_dir: Path) -> str:
         time.sleep(1.0 - datetime.now().microsecond / 1e6 + 0.01)
 
 
-@contextlib.contextmanager
-def termination_signals():
-    """SIGTERM (a cron timeout) raises RunInterrupted so cleanup runs; restored afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigterm(signum, frame):
-        raise RunInterrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class AsciiStream(io.TextIOBase):
     """Wraps stdout/stderr: strips ANSI colours and replaces non-ASCII (emojis) with '?'."""
 
@@ -2622,7 +3299,8 @@ def run(args: argparse.Namespace) -> int:
                             weights=args.weights, models_dir=args.models_dir.resolve(), output_dir=output_dir,
                             dissect=not args.no_dissect, dissect_mode=args.dissect_mode, keep_going=args.keep_going,
                             isolation=args.isolation, model_timeout_sec=args.model_timeout, work_dir=Path(work_dir),
-                            timestamp=claim_timestamp(output_dir), skips=skips)
+                            timestamp=claim_timestamp(output_dir), skips=skips,
+                            started_at=datetime.now().isoformat(timespec="microseconds"))
             log(f"Run {cfg.timestamp}: {len(classes)} model(s), {len(images)} image(s), {cfg.runs} run(s) per image, "
                 f"{cfg.weights} weights, device {device}, isolation {cfg.isolation}")
             start = time.perf_counter()
@@ -2633,11 +3311,83 @@ def run(args: argparse.Namespace) -> int:
             log(f"No reports written (interrupted by {outcome.interrupted_by}; with --keep-going the finished "
                 f"models are reported)", "ERROR")
         else:
-            paths = generate_reports(outcome, cfg, total_time_sec)
+            payload = report_payload(outcome, cfg, total_time_sec)
+            trends = record_history(payload, history_path(args, output_dir))
+            paths = generate_reports(payload, cfg, trends)
+            print_changes(payload)
             print_summary(outcome, cfg, total_time_sec, paths)
+            regressions = [v for v in payload.get("verdicts") or [] if v["verdict"] == "regression"]
+            if args.fail_on_regression and regressions and outcome.exit_code == EXIT_OK:
+                log(f"{len(regressions)} regression(s) and --fail-on-regression: exit {EXIT_REGRESSION}", "ERROR")
+                return EXIT_REGRESSION
         return outcome.exit_code
     finally:
         lock.release()
+
+
+def history_path(args: argparse.Namespace, output_dir: Path) -> Path | None:
+    if args.no_history:
+        return None
+    return (args.history or output_dir / "results" / HISTORY_FILE_NAME).resolve()
+
+
+def record_history(payload: dict, path: Path | None) -> dict[str, list[dict]]:
+    """Store the run, judge it against earlier runs (payload["verdicts"]); returns each model's
+    trend for the plots. A history that cannot be used is a warning: the reports still come."""
+    payload["history"] = str(path) if path else None
+    payload["verdicts"] = None
+    if path is None:
+        return {}
+    try:
+        store = HistoryStore(path)
+        try:
+            store.add_run(payload, "run")
+            payload["verdicts"] = judge_run(store, payload)
+            return {r["class_name"]: store.trend(payload, r) for r in payload["results"] if r["status"] == "ok"}
+        finally:
+            store.close()
+    except (BenchError, sqlite3.Error, OSError) as e:
+        payload["history_note"] = f"The run history could not be used: {e}"
+        log(payload["history_note"], "WARNING")
+        return {}
+
+
+def run_tool(args: argparse.Namespace) -> int:
+    """--import-reports, --compare and --merge: work on reports and the history, run no model."""
+    output_dir = args.output_dir.resolve()
+    if args.import_reports:
+        path = history_path(args, output_dir)
+        if path is None:
+            raise UsageError("--import-reports needs the history: leave out --no-history")
+        store = HistoryStore(path)
+        try:
+            added, present = import_reports(store, args.import_reports)
+        finally:
+            store.close()
+        log(f"Imported {added} report(s) from {args.import_reports} into {path} ({present} already there)")
+        return EXIT_OK
+    prepare_output(output_dir, dissect=False)
+    stamp = claim_timestamp(output_dir)
+    if args.compare:
+        a, b = (load_run(ref, history_path(args, output_dir)) for ref in args.compare)
+        rows, same_machine = compare_rows(a, b)
+        lines = comparison_text(a, b, rows, same_machine)
+        for line in lines:
+            log(line, "")
+        path = output_dir / "results" / f"comparison_{stamp}.md"
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        log(f"Comparison written to {path}")
+        return EXIT_OK
+    payloads = [payload_from_report(Path(f)) for f in args.merge]
+    labels = [run_label(p) for p in payloads]
+    results = output_dir / "results"
+    plot = Path(f"plots_{stamp}") / "merged_latency.png"
+    plots = [plot.as_posix()] if plot_merged(payloads, labels, results / plot) else []
+    md, table_csv = merged_text(payloads, labels, plots)
+    for path, text in ((results / f"merged_report_{stamp}.md", md), (results / f"merged_summary_{stamp}.csv", table_csv)):
+        atomic_write_text(path, text)
+        log(f"Merged report written to {path}")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2656,6 +3406,8 @@ def main(argv: list[str] | None = None) -> int:
             log(str(e), "ERROR")
             return e.exit_code
         try:
+            if args.import_reports or args.compare or args.merge:
+                return run_tool(args)
             return run(args)
         except BenchError as e:
             log(str(e), "ERROR")

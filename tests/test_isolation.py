@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,25 +238,37 @@ def test_reports_are_utf8_and_keep_non_ascii_image_names(tmp_path, capsys):
                                                                                              "zidane.jpg"]
 
 
-def test_image_folder_that_cannot_be_listed_exits_2(tmp_path):
-    """A real permission error: as root the listing runs as user nobody, else chmod 000 suffices."""
-    world = tmp_path / "world"
-    world.mkdir()
-    folder = world / "locked"
-    folder.mkdir()
+AS_NOBODY = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import torch, unified_benchmark as ub
+torch.cuda.is_available()
+if os.getuid() == 0:
+    os.setuid(65534)  # root reads every folder: list this one as user nobody
+sys.exit(ub.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("locked", ["folder", "parent"])
+def test_image_folder_that_cannot_be_listed_exits_2(tmp_path, locked):
+    """Real permission errors, the program running as an ordinary user: the image folder itself is
+    mode 000 (its parents opened for the test), or a folder above it is."""
+    folder = tmp_path / "locked" / "images"
+    folder.mkdir(parents=True)
     shutil.copy(BUS, folder / "bus.jpg")
-    folder.chmod(0)
-    for parent in [world, *world.parents]:
-        if parent.stat().st_mode & 0o005 != 0o005:
-            parent.chmod(parent.stat().st_mode | 0o005)
-    as_nobody = (lambda: os.setuid(65534)) if os.getuid() == 0 else None
+    closed = folder if locked == "folder" else folder.parent
+    opened = [(d, d.stat().st_mode) for d in folder.parents if d != Path("/")] if locked == "folder" else []
+    for d, mode in opened:
+        d.chmod(mode | 0o005)
+    closed.chmod(0)
     try:
-        proc = subprocess.run([sys.executable, str(REPO / "unified_benchmark.py"), "--weights", "random",
-                               "--models", "yolo11n-detect", "--images", str(folder), "--output-dir",
-                               str(world / "out")], capture_output=True, text=True, timeout=120,
-                              preexec_fn=as_nobody, env={**os.environ, "HOME": str(world)})
+        proc = subprocess.run([sys.executable, "-c", AS_NOBODY, str(REPO), "--weights", "random", "--models",
+                               "yolo11n-detect", "--images", str(folder), "--output-dir", str(tmp_path / "out")],
+                              capture_output=True, text=True, timeout=120)
     finally:
-        folder.chmod(0o755)
+        closed.chmod(0o755)
+        for d, mode in opened:
+            d.chmod(mode)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text
     assert "cannot be listed" in text and str(folder) in text and "Traceback" not in text

@@ -172,16 +172,15 @@ def test_out_of_memory_is_named_and_keep_going_runs_the_next_model(tmp_path, one
     assert "ran out of memory" in rows[0]["error"] and rows[0]["failed_phase"] == "load"
 
 
-def test_rss_growth_across_models_is_bounded(tmp_path, one_image_dir, capsys):
-    """Three models in one process (--isolation none): what cleanup keeps must be far less than a
+def test_rss_growth_across_models_is_bounded(tmp_path, one_image_dir):
+    """Three models in one fresh process (--isolation none): what cleanup keeps must be far less than a
     model takes. Bound: RSS after the third model's cleanup may exceed RSS after the first model's
     by at most half the memory one model used at its peak (measured in this run). A leak of the
     model and its activations would add about that much per model.
     """
-    code, text = run_main(capsys, "--weights", "random", "--models", "yolo11n-detect,yolo11n-seg,yolo11n-pose",
-                          "--runs", "2", "--no-dissect", "--isolation", "none", "--images", one_image_dir,
-                          "--output-dir", tmp_path)
-    assert code == 0, text
+    proc = run_cli("--weights", "random", "--models", "yolo11n-detect,yolo11n-seg,yolo11n-pose", "--runs", "2",
+                   "--no-dissect", "--isolation", "none", "--images", one_image_dir, "--output-dir", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = load_report(tmp_path)["results"]
     one_model_mb = min(r["rss_peak_mb"] - r["rss_before_mb"] for r in rows)
     growth_mb = rows[2]["rss_after_cleanup_mb"] - rows[0]["rss_after_cleanup_mb"]
