@@ -2391,7 +2391,7 @@ class HistoryStore:
     def samples(self, run_id: str, class_name: str) -> list[dict]:
         rows = self.db.execute("SELECT image, run, inference_sec, preprocess_sec, postprocess_sec, peak_mb, input_shape "
                                "FROM samples WHERE run_id=? AND class_name=? ORDER BY rowid", (run_id, class_name))
-        return [{**dict(r), "input_shape": json.loads(r["input_shape"])} for r in rows]
+        return [{**dict(r), "input_shape": json.loads(r["input_shape"] or "null")} for r in rows]
 
     def verdicts(self, run_id: str, class_name: str) -> dict[str, str]:
         rows = self.db.execute("SELECT metric, verdict FROM verdicts WHERE run_id=? AND class_name=?", (run_id, class_name))
@@ -2744,6 +2744,9 @@ def compare_rows(a: dict, b: dict) -> tuple[list[dict], bool]:
             significant = p_value < VERDICT_ALPHA
             verdict = ("slower" if significant and ratio >= WARM_MIN_RATIO else
                        "faster" if significant and ratio <= 1 / WARM_MIN_RATIO else "no change")
+            smallest_p = 2 / math.comb(len(wa) + len(wb), len(wa))
+            if smallest_p >= VERDICT_ALPHA:  # e.g. 4 vs 4 warm runs: p can never fall under alpha
+                verdict = f"too few warm runs ({len(wa)} vs {len(wb)}: p >= {smallest_p:.2g} always)"
         rows.append({"model_name": ra["model_name"], "median_a": ma, "median_b": mb, "ratio": ratio,
                      "p_value": p_value, "verdict": verdict, "mem_a": ra.get("mem_peak_mb"),
                      "mem_b": rb.get("mem_peak_mb"), "params_a": ra.get("total_params"),
@@ -2837,7 +2840,7 @@ def plot_latency(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("forward latency (s, log scale)")
     ax.set_title("Latency per run")
     ax.grid(axis="x", which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
+    fig.legend(loc="outside lower center", ncols=4, fontsize="small")
     fig.savefig(path)
 
 
@@ -2860,7 +2863,7 @@ def plot_phases(rows: list[dict], path: Path) -> None:
     ax.set_xlim(0, 118)
     ax.set_xlabel("share of one run (%); total per run beside each bar")
     ax.set_title("Preprocess / forward / postprocess")
-    ax.legend(loc="lower right", fontsize="small")
+    fig.legend(loc="outside lower center", ncols=4, fontsize="small")
     fig.savefig(path)
 
 
@@ -2874,7 +2877,7 @@ def plot_memory(rows: list[dict], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel(f"memory (MB, {rows[0]['mem_kind']})")
     ax.set_title("Memory peaks")
-    ax.legend(loc="lower right", fontsize="small")
+    fig.legend(loc="outside lower center", ncols=4, fontsize="small")
     fig.savefig(path)
 
 
@@ -2895,7 +2898,7 @@ def plot_trend(model_name: str, points: list[dict], path: Path) -> None:
     ax.set_xticks(list(xs), [p["started_at"][:16].replace("T", "\n") for p in points], fontsize="x-small")
     ax.set_ylabel("warm median (s)")
     ax.set_title(f"{model_name}: warm latency across runs")
-    ax.legend(fontsize="small")
+    fig.legend(loc="outside lower center", ncols=4, fontsize="small")
     fig.savefig(path)
 
 
@@ -2938,7 +2941,7 @@ def plot_merged(payloads: list[dict], labels: list[str], path: Path) -> bool:
         ax.set_xscale("log")
         ax.set_xlabel("warm median (s, log scale)")
         ax.set_title("Warm latency per machine")
-        ax.legend(fontsize="x-small", loc="lower right")
+        fig.legend(loc="outside lower center", ncols=4, fontsize="small")
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         return True

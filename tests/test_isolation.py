@@ -194,10 +194,18 @@ def test_per_image_cold_and_warm_on_two_images_of_different_shape(tmp_path, two_
 HOG = "while True: pass"
 
 
+def start_hog(index: int) -> subprocess.Popen:
+    """A CPU-burning process pinned to one of this process's cores (one per core: the scheduler
+    cannot put two hogs on one core and leave the benchmark a free one)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return subprocess.Popen([sys.executable, "-c", HOG],
+                            preexec_fn=lambda: os.sched_setaffinity(0, {cpus[index % len(cpus)]}))
+
+
 @pytest.fixture
 def cpu_hogs():
     """Two real CPU-burning processes for the length of a test, always stopped after it."""
-    hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(2)]
+    hogs = [start_hog(cpu) for cpu in range(2)]
     time.sleep(1.0)
     yield hogs
     for hog in hogs:

@@ -1,0 +1,328 @@
+"""Run history, verdicts, comparison, merge and plots: seeded simulations and real runs."""
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from conftest import BUS, run_main, ub
+
+DATA = Path(__file__).resolve().parent / "data"
+OLD_REPORT = DATA / "benchmark_results_20261128_201900.json"  # written by the program before this history
+
+
+# -- the verdict rules, on seeded simulations ---------------------------------------------
+
+NIGHTS, MODELS, WARM_PER_RUN = 30, 8, 8
+WITHIN, BETWEEN, SPIKE_SHARE, SPIKE = 0.02, 0.03, 0.05, 0.30
+
+
+def simulate(rng, slowdown: float = 1.0, memory_growth: float = 1.0, from_night: int = NIGHTS,
+             nights: int = NIGHTS) -> list[list[list[dict]]]:
+    """Verdicts of NIGHTS nightly runs of MODELS models, judged as the program judges them.
+
+    Per model a base latency and memory peak; per night a log-normal run-to-run factor (3%);
+    per warm run log-normal noise (2%) and, for 5% of the runs, a +30% spike. From from_night
+    on, latency is multiplied by slowdown and memory by memory_growth.
+    Returns verdicts[model][night] (the list of that night's verdicts), for the first `nights` nights.
+    """
+    out = []
+    for m in range(MODELS):
+        base_sec = 0.01 * 10 ** (2 * rng.random())
+        base_mb = 700 + 2300 * rng.random()  # +10% must pass the 64 MiB floor too: peaks above 640 MB
+        earlier: list[dict] = []
+        series = []
+        for night in range(nights):
+            factor = rng.lognormal(0, BETWEEN) * (slowdown if night >= from_night else 1.0)
+            warm = base_sec * factor * rng.lognormal(0, WITHIN, WARM_PER_RUN)
+            warm *= np.where(rng.random(WARM_PER_RUN) < SPIKE_SHARE, 1 + SPIKE, 1.0)
+            row = {"model_name": f"m{m}", "class_name": f"M{m}", "total_params": 1000, "input_shape": [1, 3, 64, 64],
+                   "cold_inference_sec": base_sec * 1.3 * factor * rng.lognormal(0, WITHIN),
+                   "mem_peak_mb": base_mb * rng.lognormal(0, 0.005) * (memory_growth if night >= from_night else 1.0),
+                   "runs": [{"image": "a.jpg", "run": 1, "inference_sec": 0.0}] +
+                           [{"image": "a.jpg", "run": i + 2, "inference_sec": float(t)} for i, t in enumerate(warm)]}
+            verdicts = ub.judge_model(row, earlier, {"torch": "x"})
+            series.append(verdicts)
+            earlier.insert(0, {**row, "environment": {"torch": "x"},
+                               "verdicts": {v["metric"]: v["verdict"] for v in verdicts}})
+        out.append(series)
+    return out
+
+
+def flagged(verdicts: list[dict], metric: str | None = None, levels=("suspicious", "regression")) -> bool:
+    return any(v["verdict"] in levels and (metric is None or v["metric"] == metric) for v in verdicts)
+
+
+def test_verdicts_on_seeded_simulations():
+    rng = np.random.default_rng(20261128)
+    trials = 12
+    aa = [simulate(rng) for _ in range(trials)]
+    pairs = [night for sim in aa for model in sim for night in model]
+    aa_suspicious = sum(flagged(n) for n in pairs) / len(pairs)
+    aa_regressions = sum(flagged(n, levels=("regression",)) for n in pairs)
+
+    start = 15
+    def after_change(slowdown=1.0, memory=1.0):
+        return [model[start:start + 2] for _ in range(trials)
+                for model in simulate(rng, slowdown, memory, from_night=start, nights=start + 2)]
+
+    plus20 = after_change(slowdown=1.20)
+    caught20 = sum(any(flagged(n, "warm latency", ("regression",)) for n in two) for two in plus20) / len(plus20)
+    plus10 = after_change(slowdown=1.10)
+    caught10 = sum(any(flagged(n, "warm latency") for n in two) for two in plus10) / len(plus10)
+    mem10 = after_change(memory=1.10)
+    caught_mem = sum(flagged(two[0], "memory peak") for two in mem10) / len(mem10)
+    print(f"\nA/A: {len(pairs)} (model, night) pairs, suspicious {aa_suspicious:.2%}, regressions {aa_regressions}")
+    print(f"+20% warm from night {start}: regression within 2 runs in {caught20:.1%} of {len(plus20)} trials")
+    print(f"+10% warm: at least suspicious within 2 runs in {caught10:.1%} of {len(plus10)} trials")
+    print(f"+10% memory: flagged on the first night in {caught_mem:.1%} of {len(mem10)} trials")
+    assert aa_suspicious <= 0.01 and aa_regressions == 0
+    assert caught20 >= 0.90
+    assert caught10 >= 0.50
+    assert caught_mem == 1.0
+
+
+def test_verdict_rules_by_hand():
+    past = [[1.0, 1.01, 0.99, 1.0]] * 2
+    assert ub.warm_verdict([1.5] * 4, past)["verdict"] == "insufficient data"
+    past = [[1.0, 1.01, 0.99, 1.0, 1.02]] * 4
+    slow = [1.3, 1.31, 1.29, 1.3]
+    assert ub.warm_verdict(slow, past)["verdict"] == "suspicious"
+    assert ub.warm_verdict(slow, past, previous="suspicious")["verdict"] == "regression"
+    assert ub.warm_verdict([0.7, 0.71, 0.69, 0.7], past)["verdict"] == "faster"
+    small = ub.warm_verdict([1.05, 1.06, 1.04, 1.05], past)  # significant, but under 10%
+    assert small["p_value"] < ub.VERDICT_ALPHA and small["verdict"] == "no change"
+    assert ub.cold_verdict(1.3, [1.0, 1.02, 0.98])["verdict"] == "suspicious"
+    assert ub.cold_verdict(1.2, [1.0, 1.02, 0.98])["verdict"] == "no change"
+    assert ub.memory_verdict(1100, [1000, 1000, 1000])["verdict"] == "suspicious"    # +10%, +100 MB
+    assert ub.memory_verdict(540, [500, 500, 500])["verdict"] == "no change"         # +8% but only 40 MB
+    assert ub.memory_verdict(2080, [2000, 2000, 2000])["verdict"] == "no change"     # +80 MB but only 4%
+    row = {"model_name": "m", "class_name": "M", "total_params": 11, "input_shape": [1], "runs": [],
+           "cold_inference_sec": 1.0, "mem_peak_mb": 10}
+    before = {**row, "total_params": 10, "environment": {"torch": "2.4"}, "verdicts": {}}
+    verdicts = ub.judge_model(row, [before], {"torch": "2.5"})
+    changed = [v for v in verdicts if v["verdict"] == "changed"]
+    assert [v["metric"] for v in changed] == ["parameters"] and changed[0]["detail"] == "10 -> 11"
+    assert verdicts[0]["env_changes"] == ["torch 2.4 -> 2.5"]
+
+
+# -- real runs: history, verdicts, exit 4 ---------------------------------------------------
+
+HOG = "while True: pass"
+
+
+def start_hog(index: int) -> subprocess.Popen:
+    """A CPU-burning process pinned to one of this process's cores (one per core: the scheduler
+    cannot put two hogs on one core and leave the benchmark a free one)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return subprocess.Popen([sys.executable, "-c", HOG],
+                            preexec_fn=lambda: os.sched_setaffinity(0, {cpus[index % len(cpus)]}))
+RUN = ["--weights", "random", "--models", "yolo11n-detect", "--runs", "6", "--no-dissect"]  # 5 warm runs:
+# the fewest for which a two-sided exact test of one run against another can reach p < 0.01
+
+
+@pytest.fixture(scope="module")
+def nightly(tmp_path_factory):
+    """Four quiet runs into one output folder, then two with two CPU-burning processes beside them."""
+    root = tmp_path_factory.mktemp("nightly")
+    images = root / "images"
+    images.mkdir()
+    shutil.copy(BUS, images / "bus.jpg")
+    out = root / "out"
+    codes, texts = [], []
+    for night in range(6):
+        hogs = [start_hog(cpu) for cpu in range(2 if night >= 4 else 0)]
+        try:
+            time.sleep(1.0 if hogs else 0)
+            proc = subprocess.run([sys.executable, str(Path(ub.__file__)), *RUN, "--images", str(images),
+                                   "--output-dir", str(out), *(["--fail-on-regression"] if night >= 4 else [])],
+                                  capture_output=True, text=True, timeout=600)
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+        codes.append(proc.returncode)
+        texts.append(proc.stdout + proc.stderr)
+    reports = sorted((out / "results").glob("benchmark_results_*.json"))
+    return out, codes, texts, [json.loads(p.read_text(encoding="utf-8")) for p in reports], reports
+
+
+def warm_verdicts(payloads):
+    return [next(v["verdict"] for v in p["verdicts"] if v["metric"] == "warm latency") for p in payloads]
+
+
+def test_quiet_runs_then_busy_runs_give_suspicious_then_regression(nightly):
+    out, codes, texts, payloads, _ = nightly
+    assert codes == [0, 0, 0, 0, 0, 4], texts[-1]
+    for payload in payloads[:4]:
+        assert {v["verdict"] for v in payload["verdicts"]} <= {"no change", "insufficient data"}, payload["verdicts"]
+    assert warm_verdicts(payloads)[:3] == ["insufficient data"] * 3
+    assert warm_verdicts(payloads)[4:] == ["suspicious", "regression"]
+    busy = next(v for v in payloads[5]["verdicts"] if v["metric"] == "warm latency")
+    assert busy["ratio"] > 1.1 and busy["p_value"] < 0.01 and busy["baseline_runs"] == 4
+    assert any("this run was noisy" in note for note in busy["notes"])
+    assert "exit 4" in texts[5] and "[WARNING] YOLO11n-Detect warm latency: regression" in texts[5]
+    md = sorted((out / "results").glob("benchmark_report_*.md"))[-1].read_text(encoding="utf-8")
+    section = md.split("## Changes since earlier runs")[1].split("\n## ")[0]
+    assert "| YOLO11n-Detect | warm latency |" in section and "regression" in section
+
+
+def test_history_holds_every_run_with_raw_samples(nightly):
+    out, _, _, payloads, _ = nightly
+    db = sqlite3.connect(out / "results" / "history.sqlite")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert db.execute("SELECT count(*) FROM runs").fetchone()[0] == 6
+    assert len({r[0] for r in db.execute("SELECT config_key FROM model_results")}) == 1
+    assert len({r[0] for r in db.execute("SELECT machine_key FROM runs")}) == 1
+    assert db.execute("SELECT count(*) FROM samples").fetchone()[0] == 6 * 6
+    run_id = payloads[0]["run_id"]
+    stored = [r[0] for r in db.execute("SELECT inference_sec FROM samples WHERE run_id=? ORDER BY run", (run_id,))]
+    assert stored == [r["inference_sec"] for r in payloads[0]["results"][0]["runs"]]
+
+
+def test_plots_exist_are_valid_pngs_and_are_linked(nightly):
+    out, _, _, payloads, reports = nightly
+    last = payloads[-1]
+    assert {Path(p).name for p in last["plots"]} == {"latency.png", "phases.png", "memory.png",
+                                                    "trend_YOLO11nDetectBenchmark.png"}
+    md = reports[-1].with_name(reports[-1].name.replace("results", "report").replace(".json", ".md"))
+    text = md.read_text(encoding="utf-8")
+    for rel in last["plots"]:
+        assert f"]({rel})" in text
+        with Image.open(md.parent / rel) as img:
+            img.verify()
+            assert img.format == "PNG"
+
+
+def test_compare_two_real_reports_and_two_run_ids(nightly, capsys):
+    out, _, _, payloads, reports = nightly
+    code, text = run_main(capsys, "--compare", reports[0], reports[5], "--output-dir", out)
+    assert code == 0, text
+    row = next(line for line in text.splitlines() if line.startswith("| YOLO11n-Detect"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[3]) > 1.1 and cells[5] == "slower"
+    written = sorted((out / "results").glob("comparison_*.md"))[-1].read_text(encoding="utf-8")
+    assert row in written and "different machines" not in written
+    code, text = run_main(capsys, "--compare", payloads[0]["run_id"], payloads[1]["run_id"], "--output-dir", out)
+    assert code == 0 and payloads[1]["run_id"] in text
+
+
+def test_compare_says_when_samples_are_too_few():
+    payload = lambda times: {"machine_key": "m", "results": [  # noqa: E731
+        {"status": "ok", "class_name": "C", "model_name": "M",
+         "runs": [{"run": i + 1, "inference_sec": t} for i, t in enumerate(times)]}]}
+    rows, same = ub.compare_rows(payload([9, 1.0, 1.0, 1.0, 1.0]), payload([9, 2.0, 2.0, 2.0, 2.0]))
+    assert same and rows[0]["ratio"] == 2.0 and rows[0]["verdict"].startswith("too few warm runs (4 vs 4")
+
+
+def test_compare_across_machines_shows_ratios_only(nightly, tmp_path, capsys):
+    out, _, _, _, reports = nightly
+    other = json.loads(reports[1].read_text(encoding="utf-8"))
+    other["environment"]["hostname"] = "gpu-box-2"
+    other["machine_key"] = ub.machine_key(other["environment"])
+    (tmp_path / "other.json").write_text(json.dumps(other), encoding="utf-8")
+    code, text = run_main(capsys, "--compare", reports[0], tmp_path / "other.json", "--output-dir", tmp_path)
+    assert code == 0, text
+    assert "different machines: ratios only" in text
+    row = next(line for line in text.splitlines() if line.startswith("| YOLO11n-Detect"))
+    assert "| n/a | n/a |" in row  # no p-value, no verdict
+
+
+def test_merge_reports_from_two_output_folders(nightly, tmp_path, capsys, one_image_dir):
+    out, _, _, _, reports = nightly
+    code, text = run_main(capsys, "--weights", "random", "--models", "yolo11n-detect,yolo11n-pose", "--runs", "3",
+                          "--no-dissect", "--no-history", "--images", one_image_dir, "--output-dir", tmp_path / "b")
+    assert code == 0, text
+    second = sorted((tmp_path / "b" / "results").glob("benchmark_results_*.json"))[0]
+    code, text = run_main(capsys, "--merge", reports[0], second, "--output-dir", tmp_path / "merged")
+    assert code == 0, text
+    results = tmp_path / "merged" / "results"
+    md = next(results.glob("merged_report_*.md")).read_text(encoding="utf-8")
+    table = md.split("## Warm median (s)")[1].split("\n## ")[0]
+    assert "| Model | M1 | M2 |" in table
+    assert "| YOLO11n-Pose | n/a |" in table  # only the second machine ran it
+    speedups = md.split("## Speed-up vs M1")[1].split("\n## ")[0]
+    assert "| YOLO11n-Detect | 1.00x |" in speedups
+    plot = md.split("](")[1].split(")")[0]
+    with Image.open(results / plot) as img:
+        assert img.format == "PNG"
+    rows = next(results.glob("merged_summary_*.csv")).read_text(encoding="utf-8").splitlines()
+    assert rows[0].startswith("model_name,machine,run_id") and len(rows) == 1 + 3
+
+
+# -- stores and reports from earlier versions ----------------------------------------------
+
+SCHEMA_V1_AS_RELEASED = ub.HISTORY_SCHEMA_V1  # frozen below once a version 2 exists
+
+
+def test_a_store_written_with_schema_1_is_read(tmp_path):
+    """A store made with version 1's DDL and rows written by hand, as an older program left it."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_V1_AS_RELEASED)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    env = {"hostname": "h", "cpu_model": "c", "torch": "2.4"}
+    db.execute("INSERT INTO runs VALUES ('r1', '2026-01-01T03:00:00', '20260101_030000', ?, 'h', ?, 1, 'run')",
+               (ub.machine_key(env), json.dumps(env)))
+    row = {"model_name": "YOLO11n-Detect", "class_name": "YOLO11nDetectBenchmark", "status": "ok"}
+    db.execute("INSERT INTO model_results (run_id, class_name, model_name, config_key, config, status, row) "
+               "VALUES ('r1', 'YOLO11nDetectBenchmark', 'YOLO11n-Detect', 'k', '{}', 'ok', ?)", (json.dumps(row),))
+    db.execute("INSERT INTO samples (run_id, class_name, image, run, inference_sec) VALUES "
+               "('r1', 'YOLO11nDetectBenchmark', 'bus.jpg', 1, 0.125)")
+    db.commit()
+    db.close()
+    store = ub.HistoryStore(path)
+    payload = store.payload("r1")
+    store.close()
+    assert payload["results"][0]["runs"][0]["inference_sec"] == 0.125
+    assert payload["environment"]["torch"] == "2.4"
+
+
+def test_a_store_from_a_newer_program_is_refused_clearly(tmp_path, capsys, one_image_dir):
+    path = tmp_path / "future.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT); INSERT INTO meta VALUES ('schema_version', '99');")
+    db.close()
+    code, text = run_main(capsys, "--import-reports", DATA, "--history", path)
+    assert code == 1 and "written by a newer vision-bench" in text and "Traceback" not in text
+
+
+def test_reports_from_before_the_history_import_idempotently(tmp_path, capsys):
+    history = tmp_path / "h.sqlite"
+    for expected in ("Imported 1 report(s)", "Imported 0 report(s)"):
+        code, text = run_main(capsys, "--import-reports", DATA, "--history", history)
+        assert code == 0 and expected in text, text
+    db = sqlite3.connect(history)
+    assert db.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+    assert db.execute("SELECT count(DISTINCT class_name) FROM model_results").fetchone()[0] == 2
+    assert db.execute("SELECT count(*) FROM samples").fetchone()[0] == 2 * 2 * 3  # 2 models, 2 images, 3 runs
+    (source,) = db.execute("SELECT source FROM runs").fetchone()
+    assert source.endswith(OLD_REPORT.name)
+
+
+def test_imported_runs_read_back_with_their_samples(tmp_path, capsys):
+    """An old report (no run id, no hostname, one process for all models) becomes a stored run."""
+    old = json.loads(OLD_REPORT.read_text(encoding="utf-8"))
+    assert old["num_inference_runs"] == 3 and "run_id" not in old
+    code, _ = run_main(capsys, "--import-reports", DATA, "--output-dir", tmp_path)
+    assert code == 0
+    store = ub.HistoryStore(tmp_path / "results" / "history.sqlite")
+    (run_id,) = [r[0] for r in store.db.execute("SELECT run_id FROM runs")]
+    payload = store.payload(run_id)
+    store.close()
+    assert [r["class_name"] for r in payload["results"]] == ["YOLO11nDetectBenchmark", "YOLO11nPoseBenchmark"]
+    assert payload["results"][0]["runs"][0]["image"] == "bus.jpg"
+
+
+def test_help_names_exit_code_4(capsys):
+    code, text = run_main(capsys, "--help")
+    assert code == 0 and "4 a regression with --fail-on-regression" in " ".join(text.split())
+    assert "--compare" in text and "--merge" in text and "--import-reports" in text
