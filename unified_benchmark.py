@@ -2417,13 +2417,13 @@ class HistoryStore:
                 "machine_key": run["machine_key"], "environment": json.loads(run["environment"]), "results": results}
 
     def trend(self, payload: dict, row: dict) -> list[dict]:
-        """This model's runs in this configuration, oldest first, with their warm verdicts (for plots)."""
+        """This model's earlier runs in this configuration, oldest first, with their warm verdicts (plots)."""
         config_key = short_hash(model_config(payload, row))
         found = self.db.execute(
             "SELECT m.run_id, m.warm_median_sec, r.started_at, v.verdict, v.baseline, v.threshold FROM model_results m "
             "JOIN runs r USING (run_id) LEFT JOIN verdicts v ON v.run_id=m.run_id AND v.class_name=m.class_name "
             "AND v.metric='warm latency' WHERE m.config_key=? AND m.class_name=? AND r.machine_key=? "
-            "AND m.status='ok' AND r.started_at<=? ORDER BY r.started_at",
+            "AND m.status='ok' AND r.started_at<? ORDER BY r.started_at",
             (config_key, row["class_name"], payload["machine_key"], payload["started_at"]))
         return [dict(r) for r in found]
 
@@ -2453,16 +2453,6 @@ def judge_model(row: dict, earlier: list[dict], environment: dict) -> list[dict]
     notes = [f"this run was noisy: {'; '.join(row.get('noise_reasons', []))}"] if row.get("noisy") else []
     return [{"model_name": row["model_name"], "class_name": row["class_name"], **v, "env_changes": changes,
              "notes": notes} for v in verdicts]
-
-
-def judge_run(store: HistoryStore, payload: dict) -> list[dict]:
-    """Verdicts for every ok model of a stored run, stored beside it."""
-    verdicts = []
-    for row in payload["results"]:
-        if row["status"] == "ok":
-            verdicts += judge_model(row, store.earlier(payload, row), payload["environment"])
-    store.add_verdicts(payload["run_id"], verdicts)
-    return verdicts
 
 
 def import_reports(store: HistoryStore, folder: Path) -> tuple[int, int]:
@@ -2952,15 +2942,22 @@ def plot_merged(payloads: list[dict], labels: list[str], path: Path) -> bool:
 
 def generate_reports(payload: dict, cfg: RunConfig, trends: dict[str, list[dict]]) -> list[Path]:
     """The plots, then the JSON, CSV and Markdown reports (each written atomically)."""
-    plots = write_plots(payload["results"], cfg.results_dir / f"plots_{cfg.timestamp}", trends)
+    plots_dir = cfg.results_dir / f"plots_{cfg.timestamp}"
+    plots = write_plots(payload["results"], plots_dir, trends)
     payload["plots"] = [p.relative_to(cfg.results_dir).as_posix() for p in plots]
     paths = [cfg.results_dir / f"benchmark_results_{cfg.timestamp}.json",
              cfg.results_dir / f"benchmark_summary_{cfg.timestamp}.csv",
              cfg.results_dir / f"benchmark_report_{cfg.timestamp}.md"]
     texts = [json.dumps(payload, indent=2, default=str, ensure_ascii=False), csv_text(payload["results"]),
              markdown_text(payload, cfg)]
-    for path, text in zip(paths, texts):
-        atomic_write_text(path, text)
+    try:
+        for path, text in zip(paths, texts):
+            atomic_write_text(path, text)
+    except OutputError:
+        for path in paths:
+            path.unlink(missing_ok=True)  # all three reports or none
+        shutil.rmtree(plots_dir, ignore_errors=True)
+        raise
     return paths
 
 
@@ -3315,8 +3312,9 @@ def run(args: argparse.Namespace) -> int:
                 f"models are reported)", "ERROR")
         else:
             payload = report_payload(outcome, cfg, total_time_sec)
-            trends = record_history(payload, history_path(args, output_dir))
+            trends = judge_against_history(payload, history_path(args, output_dir))
             paths = generate_reports(payload, cfg, trends)
+            store_in_history(payload)
             print_changes(payload)
             print_summary(outcome, cfg, total_time_sec, paths)
             regressions = [v for v in payload.get("verdicts") or [] if v["verdict"] == "regression"]
@@ -3334,25 +3332,50 @@ def history_path(args: argparse.Namespace, output_dir: Path) -> Path | None:
     return (args.history or output_dir / "results" / HISTORY_FILE_NAME).resolve()
 
 
-def record_history(payload: dict, path: Path | None) -> dict[str, list[dict]]:
-    """Store the run, judge it against earlier runs (payload["verdicts"]); returns each model's
-    trend for the plots. A history that cannot be used is a warning: the reports still come."""
+def judge_against_history(payload: dict, path: Path | None) -> dict[str, list[dict]]:
+    """Judge every ok model against its earlier runs (payload["verdicts"]); returns each model's
+    trend for the plots. Reads only: the run is stored after its reports are written. A history
+    that cannot be used is a warning, and the reports still come."""
     payload["history"] = str(path) if path else None
     payload["verdicts"] = None
     if path is None:
         return {}
+    ok = [r for r in payload["results"] if r["status"] == "ok"]
     try:
-        store = HistoryStore(path)
+        store = HistoryStore(path) if path.exists() else None
         try:
-            store.add_run(payload, "run")
-            payload["verdicts"] = judge_run(store, payload)
-            return {r["class_name"]: store.trend(payload, r) for r in payload["results"] if r["status"] == "ok"}
+            verdicts, trends = [], {}
+            for row in ok:
+                earlier = store.earlier(payload, row) if store else []
+                judged = judge_model(row, earlier, payload["environment"])
+                warm = next(v for v in judged if v["metric"] == "warm latency")
+                trends[row["class_name"]] = (store.trend(payload, row) if store else []) + [
+                    {"started_at": payload["started_at"], "warm_median_sec": row["warm_median_sec"], **warm}]
+                verdicts += judged
         finally:
-            store.close()
+            if store:
+                store.close()
     except (BenchError, sqlite3.Error, OSError) as e:
         payload["history_note"] = f"The run history could not be used: {e}"
         log(payload["history_note"], "WARNING")
         return {}
+    payload["verdicts"] = verdicts
+    return trends
+
+
+def store_in_history(payload: dict) -> None:
+    """Add the run, its raw samples and its verdicts to the history (after its reports)."""
+    if payload["verdicts"] is None:  # --no-history, or a history that could not be used
+        return
+    try:
+        store = HistoryStore(Path(payload["history"]))
+        try:
+            store.add_run(payload, "run")
+            store.add_verdicts(payload["run_id"], payload["verdicts"])
+        finally:
+            store.close()
+    except (BenchError, sqlite3.Error, OSError) as e:
+        log(f"This run could not be added to the history {payload['history']}: {e}", "WARNING")
 
 
 def run_tool(args: argparse.Namespace) -> int:
