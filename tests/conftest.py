@@ -77,3 +77,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, **kwargs)
 def load_report(output_dir: Path) -> dict:
     (path,) = sorted((output_dir / "results").glob("benchmark_results_*.json"))[-1:]
     return json.loads(path.read_text())
+
+
+HOG = "while True: pass"
+
+
+def start_hog(index: int) -> subprocess.Popen:
+    """A CPU-burning process pinned to one of this process's cores (one per core: the scheduler
+    cannot put two hogs on one core and leave the benchmark a free one)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return subprocess.Popen([sys.executable, "-c", HOG],
+                            preexec_fn=lambda: os.sched_setaffinity(0, {cpus[index % len(cpus)]}))

@@ -1,7 +1,6 @@
 """Run history, verdicts, comparison, merge and plots: seeded simulations and real runs."""
 
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import BUS, run_main, ub
+from conftest import BUS, run_main, start_hog, ub
 
 DATA = Path(__file__).resolve().parent / "data"
 OLD_REPORT = DATA / "benchmark_results_20261128_201900.json"  # written by the program before this history
@@ -115,15 +114,6 @@ def test_verdict_rules_by_hand():
 
 # -- real runs: history, verdicts, exit 4 ---------------------------------------------------
 
-HOG = "while True: pass"
-
-
-def start_hog(index: int) -> subprocess.Popen:
-    """A CPU-burning process pinned to one of this process's cores (one per core: the scheduler
-    cannot put two hogs on one core and leave the benchmark a free one)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    return subprocess.Popen([sys.executable, "-c", HOG],
-                            preexec_fn=lambda: os.sched_setaffinity(0, {cpus[index % len(cpus)]}))
 RUN = ["--weights", "random", "--models", "yolo11n-detect", "--runs", "6", "--no-dissect"]  # 5 warm runs:
 # the fewest for which a two-sided exact test of one run against another can reach p < 0.01
 

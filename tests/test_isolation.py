@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUS, REPO, ZIDANE, load_report, run_main, ub, write_yolo_checkpoint
+from conftest import BUS, REPO, ZIDANE, load_report, run_main, start_hog, ub, write_yolo_checkpoint
 
 
 def start_cli(*args) -> subprocess.Popen:
@@ -191,15 +191,6 @@ def test_per_image_cold_and_warm_on_two_images_of_different_shape(tmp_path, two_
 
 # -- noise --------------------------------------------------------------------------------
 
-HOG = "while True: pass"
-
-
-def start_hog(index: int) -> subprocess.Popen:
-    """A CPU-burning process pinned to one of this process's cores (one per core: the scheduler
-    cannot put two hogs on one core and leave the benchmark a free one)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    return subprocess.Popen([sys.executable, "-c", HOG],
-                            preexec_fn=lambda: os.sched_setaffinity(0, {cpus[index % len(cpus)]}))
 
 
 @pytest.fixture
