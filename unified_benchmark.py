@@ -1814,6 +1814,11 @@ def status_row(cls: type[ModelBenchmark], status: str, reason: str, progress: Mo
             "failed_phase": progress.phase, "failed_image": progress.image, **extra}
 
 
+def row_name(row: dict) -> str:
+    """A model as the report names it: with its node when it ran on a cluster."""
+    return row["model_name"] + (f" @ {row['node_label']}" if row.get("node_label") else "")
+
+
 def run_model(job: WorkerJob, progress: ModelProgress) -> dict:
     """benchmark_model with a failure turned into its row; interrupts propagate."""
     cls = job.model_class
@@ -1896,6 +1901,8 @@ class RunConfig:
     work_dir: Path | None = None     # the run's temporary files: worker jobs, random checkpoints
     timestamp: str = ""
     started_at: str = ""             # ISO time: orders runs in the history
+    device_request: str = "auto"     # --device as given (a Ray node resolves "auto" itself)
+    executor_info: dict = field(default_factory=lambda: {"executor": "local"})
     skips: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -1906,11 +1913,10 @@ class RunConfig:
     def viz_dir(self) -> Path:
         return self.output_dir / "viz" / self.timestamp
 
-    def job(self, cls: type[ModelBenchmark], random_checkpoint: Path | None) -> WorkerJob:
+    def job(self, cls: type[ModelBenchmark]) -> WorkerJob:
         return WorkerJob(class_name=cls.__name__, device=str(self.device), weights=self.weights,
                          models_dir=str(self.models_dir), images=[str(p) for p in self.images], runs=self.runs,
-                         dissect=self.dissect, dissect_mode=self.dissect_mode, viz_dir=str(self.viz_dir),
-                         random_checkpoint=random_checkpoint and str(random_checkpoint))
+                         dissect=self.dissect, dissect_mode=self.dissect_mode, viz_dir=str(self.viz_dir))
 
 
 def this_program(*args: str) -> list[str]:
@@ -1922,12 +1928,12 @@ def worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def prepare_random_checkpoint(cls: type[ModelBenchmark], cfg: RunConfig) -> Path | None:
+def prepare_random_checkpoint(cls: type[ModelBenchmark], weights: str, work_dir: Path) -> Path | None:
     """Seeded random weights for a model whose builder runs a forward, built and saved by a
     short-lived process and then loaded like a pretrained checkpoint."""
-    if cfg.weights != "random" or not cls.RANDOM_BUILD_RUNS_FORWARD:
+    if weights != "random" or not cls.RANDOM_BUILD_RUNS_FORWARD:
         return None
-    path = cfg.work_dir / f"{cls.__name__}-random.pt"
+    path = work_dir / f"{cls.__name__}-random.pt"
     start = time.perf_counter()
     proc = subprocess.run(this_program("--build-random", cls.__name__, str(path)), capture_output=True,
                           text=True, env=worker_env())
@@ -2054,19 +2060,19 @@ def dead_worker_row(cls: type[ModelBenchmark], worker: WorkerProcess, status: st
                       worker_signal=signame, last_peak_rss_mb=peak, last_log_lines=list(worker.lines))
 
 
-def run_in_worker(job: WorkerJob, cfg: RunConfig) -> dict:
+def run_in_worker(job: WorkerJob, work_dir: Path, timeout_sec: float | None) -> dict:
     """One model in a fresh worker process: its row, or a crashed / timed_out row."""
     cls = job.model_class
-    worker = WorkerProcess(job, cfg.work_dir / f"{cls.__name__}.job.json")
+    worker = WorkerProcess(job, work_dir / f"{cls.__name__}.job.json")
     log(f"Worker process {worker.proc.pid} started for {cls.__name__}", "WORKER")
-    deadline = None if cfg.model_timeout_sec is None else worker.started + cfg.model_timeout_sec
+    deadline = None if timeout_sec is None else worker.started + timeout_sec
     try:
         finished = worker.pump(deadline)
         if not finished:
-            log(f"{cls.__name__} passed --model-timeout {cfg.model_timeout_sec:g}s {worker.progress.where()}: "
+            log(f"{cls.__name__} passed --model-timeout {timeout_sec:g}s {worker.progress.where()}: "
                 f"stopping its worker", "ERROR")
             worker.stop(signal.SIGTERM)
-            return dead_worker_row(cls, worker, "timed_out", f"passed --model-timeout {cfg.model_timeout_sec:g}s "
+            return dead_worker_row(cls, worker, "timed_out", f"passed --model-timeout {timeout_sec:g}s "
                                    f"and was stopped (exit {worker.proc.returncode})")
     except (KeyboardInterrupt, RunInterrupted) as e:
         worker.stop(e.signum if isinstance(e, RunInterrupted) else signal.SIGINT)
@@ -2090,15 +2096,21 @@ def run_in_process(job: WorkerJob) -> dict:
     return row
 
 
-def execute_model(cls: type[ModelBenchmark], cfg: RunConfig) -> dict:
-    """One model, isolated as configured; always returns a row (interrupts propagate)."""
+def execute_job(job: WorkerJob, isolation: str, work_dir: Path, timeout_sec: float | None) -> dict:
+    """One model, its random weights prepared, isolated as asked; always a row (interrupts propagate)."""
+    cls = job.model_class
     try:
-        job = cfg.job(cls, prepare_random_checkpoint(cls, cfg))
+        checkpoint = prepare_random_checkpoint(cls, job.weights, work_dir)
     except BenchError as e:
         log(str(e), "ERROR")
         return status_row(cls, "failed", str(e), ModelProgress(), failed_phase="prepare random weights")
-    row = run_in_worker(job, cfg) if cfg.isolation == "process" else run_in_process(job)
-    return {**row, "isolation": cfg.isolation}
+    job.random_checkpoint = str(checkpoint) if checkpoint else None
+    row = run_in_worker(job, work_dir, timeout_sec) if isolation == "process" else run_in_process(job)
+    return {**row, "isolation": isolation}
+
+
+def execute_model(cls: type[ModelBenchmark], cfg: RunConfig) -> dict:
+    return execute_job(cfg.job(cls), cfg.isolation, cfg.work_dir, cfg.model_timeout_sec)
 
 
 @dataclass
@@ -2160,20 +2172,20 @@ CREATE TABLE runs (
     run_id TEXT PRIMARY KEY, started_at TEXT NOT NULL, timestamp TEXT, machine_key TEXT NOT NULL,
     hostname TEXT, environment TEXT NOT NULL, complete INTEGER, source TEXT NOT NULL);
 CREATE TABLE model_results (
-    run_id TEXT NOT NULL REFERENCES runs(run_id), class_name TEXT NOT NULL, model_name TEXT,
-    config_key TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL, noisy INTEGER,
+    run_id TEXT NOT NULL REFERENCES runs(run_id), class_name TEXT NOT NULL, machine_key TEXT NOT NULL,
+    model_name TEXT, config_key TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL, noisy INTEGER,
     load_time_sec REAL, runtime_init_sec REAL, download_sec REAL, cold_inference_sec REAL,
     warm_median_sec REAL, mem_peak_mb REAL, rss_peak_mb REAL, cuda_peak_allocated_mb REAL,
-    total_params INTEGER, input_shape TEXT, row TEXT NOT NULL, PRIMARY KEY (run_id, class_name));
+    total_params INTEGER, input_shape TEXT, row TEXT NOT NULL, PRIMARY KEY (run_id, class_name, machine_key));
 CREATE TABLE samples (
-    run_id TEXT NOT NULL, class_name TEXT NOT NULL, image TEXT NOT NULL, run INTEGER NOT NULL,
-    inference_sec REAL NOT NULL, preprocess_sec REAL, postprocess_sec REAL, peak_mb REAL, input_shape TEXT,
-    PRIMARY KEY (run_id, class_name, image, run));
+    run_id TEXT NOT NULL, class_name TEXT NOT NULL, machine_key TEXT NOT NULL, image TEXT NOT NULL,
+    run INTEGER NOT NULL, inference_sec REAL NOT NULL, preprocess_sec REAL, postprocess_sec REAL, peak_mb REAL,
+    input_shape TEXT, PRIMARY KEY (run_id, class_name, machine_key, image, run));
 CREATE TABLE verdicts (
-    run_id TEXT NOT NULL, class_name TEXT NOT NULL, metric TEXT NOT NULL, verdict TEXT NOT NULL,
-    baseline REAL, now REAL, ratio REAL, p_value REAL, threshold REAL, baseline_runs INTEGER, detail TEXT,
-    PRIMARY KEY (run_id, class_name, metric));
-CREATE INDEX model_results_by_config ON model_results (config_key, class_name);
+    run_id TEXT NOT NULL, class_name TEXT NOT NULL, machine_key TEXT NOT NULL, metric TEXT NOT NULL,
+    verdict TEXT NOT NULL, baseline REAL, now REAL, ratio REAL, p_value REAL, threshold REAL,
+    baseline_runs INTEGER, detail TEXT, PRIMARY KEY (run_id, class_name, machine_key, metric));
+CREATE INDEX model_results_by_config ON model_results (config_key, class_name, machine_key);
 """
 # Later schema versions add entries here: version -> SQL that upgrades the previous one.
 HISTORY_MIGRATIONS: dict[int, str] = {}
@@ -2199,6 +2211,11 @@ def image_fingerprints(paths: list[Path]) -> list[dict]:
             entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         prints.append(entry)
     return prints
+
+
+def row_machine_key(payload: dict, row: dict) -> str:
+    """The machine a row ran on: its cluster node's (--executor ray), else the run's."""
+    return (row.get("node") or {}).get("machine_key") or payload["machine_key"]
 
 
 def model_config(payload: dict, row: dict) -> dict:
@@ -2359,48 +2376,52 @@ class HistoryStore:
         return True
 
     def _add_result(self, run_id: str, payload: dict, row: dict) -> None:
-        config = model_config(payload, row)
+        config, machine = model_config(payload, row), row_machine_key(payload, row)
         slim = {k: v for k, v in row.items() if k != "runs"}
         self.db.execute(
-            "INSERT INTO model_results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (run_id, row["class_name"], row.get("model_name"), short_hash(config), json.dumps(config), row["status"],
+            "INSERT INTO model_results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (run_id, row["class_name"], machine, row.get("model_name"), short_hash(config), json.dumps(config),
+             row["status"],
              int(bool(row.get("noisy"))), row.get("load_time_sec"), row.get("runtime_init_sec"), row.get("download_sec"),
              row.get("cold_inference_sec"), row.get("warm_median_sec"), row.get("mem_peak_mb"), row.get("rss_peak_mb"),
              row.get("cuda_peak_allocated_mb"), row.get("total_params"), json.dumps(row.get("input_shape")),
              json.dumps(slim, default=str)))
-        self.db.executemany("INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?,?,?,?,?)", [
-            (run_id, row["class_name"], r["image"], r["run"], r["inference_sec"], r.get("preprocess_sec"),
+        self.db.executemany("INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?,?,?,?,?,?)", [
+            (run_id, row["class_name"], machine, r["image"], r["run"], r["inference_sec"], r.get("preprocess_sec"),
              r.get("postprocess_sec"), r.get("peak_mb"), json.dumps(r.get("input_shape"))) for r in row.get("runs", [])])
 
     def earlier(self, payload: dict, row: dict) -> list[dict]:
         """Earlier ok runs of this model with the same machine and configuration, most recent first."""
-        config_key = short_hash(model_config(payload, row))
+        config_key, machine = short_hash(model_config(payload, row)), row_machine_key(payload, row)
         found = self.db.execute(
             "SELECT m.run_id, m.row, r.environment, r.started_at FROM model_results m JOIN runs r USING (run_id) "
-            "WHERE m.config_key=? AND m.class_name=? AND r.machine_key=? AND r.started_at<? AND m.status='ok' "
-            "ORDER BY r.started_at DESC", (config_key, row["class_name"], payload["machine_key"], payload["started_at"]))
+            "WHERE m.config_key=? AND m.class_name=? AND m.machine_key=? AND r.started_at<? AND m.status='ok' "
+            "ORDER BY r.started_at DESC", (config_key, row["class_name"], machine, payload["started_at"]))
         runs = []
         for rec in found:
             earlier = json.loads(rec["row"])
-            earlier["runs"] = self.samples(rec["run_id"], row["class_name"])
+            earlier["runs"] = self.samples(rec["run_id"], row["class_name"], machine)
             earlier.update(run_id=rec["run_id"], started_at=rec["started_at"], environment=json.loads(rec["environment"]),
-                           verdicts=self.verdicts(rec["run_id"], row["class_name"]))
+                           verdicts=self.verdicts(rec["run_id"], row["class_name"], machine))
             runs.append(earlier)
         return runs
 
-    def samples(self, run_id: str, class_name: str) -> list[dict]:
+    def samples(self, run_id: str, class_name: str, machine: str) -> list[dict]:
         rows = self.db.execute("SELECT image, run, inference_sec, preprocess_sec, postprocess_sec, peak_mb, input_shape "
-                               "FROM samples WHERE run_id=? AND class_name=? ORDER BY rowid", (run_id, class_name))
+                               "FROM samples WHERE run_id=? AND class_name=? AND machine_key=? ORDER BY rowid",
+                               (run_id, class_name, machine))
         return [{**dict(r), "input_shape": json.loads(r["input_shape"] or "null")} for r in rows]
 
-    def verdicts(self, run_id: str, class_name: str) -> dict[str, str]:
-        rows = self.db.execute("SELECT metric, verdict FROM verdicts WHERE run_id=? AND class_name=?", (run_id, class_name))
+    def verdicts(self, run_id: str, class_name: str, machine: str) -> dict[str, str]:
+        rows = self.db.execute("SELECT metric, verdict FROM verdicts WHERE run_id=? AND class_name=? AND machine_key=?",
+                               (run_id, class_name, machine))
         return {r["metric"]: r["verdict"] for r in rows}
 
     def add_verdicts(self, run_id: str, verdicts: list[dict]) -> None:
         with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO verdicts VALUES (?,?,?,?,?,?,?,?,?,?,?)", [
-                (run_id, v["class_name"], v["metric"], v["verdict"], v.get("baseline"), v.get("now"), v.get("ratio"),
+            self.db.executemany("INSERT OR REPLACE INTO verdicts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", [
+                (run_id, v["class_name"], v["machine_key"], v["metric"], v["verdict"], v.get("baseline"), v.get("now"),
+                 v.get("ratio"),
                  v.get("p_value"), v.get("threshold"), v.get("baseline_runs"),
                  json.dumps({"notes": v.get("notes", []), "env_changes": v.get("env_changes", [])}))
                 for v in verdicts])
@@ -2411,8 +2432,9 @@ class HistoryStore:
         if run is None:
             return None
         results = []
-        for rec in self.db.execute("SELECT class_name, row FROM model_results WHERE run_id=? ORDER BY rowid", (run_id,)):
-            results.append({**json.loads(rec["row"]), "runs": self.samples(run_id, rec["class_name"])})
+        for rec in self.db.execute("SELECT class_name, machine_key, row FROM model_results WHERE run_id=? ORDER BY rowid",
+                                   (run_id,)):
+            results.append({**json.loads(rec["row"]), "runs": self.samples(run_id, rec["class_name"], rec["machine_key"])})
         return {"run_id": run_id, "timestamp": run["timestamp"], "started_at": run["started_at"],
                 "machine_key": run["machine_key"], "environment": json.loads(run["environment"]), "results": results}
 
@@ -2422,9 +2444,9 @@ class HistoryStore:
         found = self.db.execute(
             "SELECT m.run_id, m.warm_median_sec, r.started_at, v.verdict, v.baseline, v.threshold FROM model_results m "
             "JOIN runs r USING (run_id) LEFT JOIN verdicts v ON v.run_id=m.run_id AND v.class_name=m.class_name "
-            "AND v.metric='warm latency' WHERE m.config_key=? AND m.class_name=? AND r.machine_key=? "
-            "AND m.status='ok' AND r.started_at<? ORDER BY r.started_at",
-            (config_key, row["class_name"], payload["machine_key"], payload["started_at"]))
+            "AND v.machine_key=m.machine_key AND v.metric='warm latency' WHERE m.config_key=? AND m.class_name=? "
+            "AND m.machine_key=? AND m.status='ok' AND r.started_at<? ORDER BY r.started_at",
+            (config_key, row["class_name"], row_machine_key(payload, row), payload["started_at"]))
         return [dict(r) for r in found]
 
 
@@ -2451,7 +2473,7 @@ def judge_model(row: dict, earlier: list[dict], environment: dict) -> list[dict]
                                  "detail": f"{earlier[0].get(key)} -> {row.get(key)}"})
     changes = environment_changes(environment, earlier[0]["environment"] if earlier else None)
     notes = [f"this run was noisy: {'; '.join(row.get('noise_reasons', []))}"] if row.get("noisy") else []
-    return [{"model_name": row["model_name"], "class_name": row["class_name"], **v, "env_changes": changes,
+    return [{"model_name": row_name(row), "class_name": row["class_name"], **v, "env_changes": changes,
              "notes": notes} for v in verdicts]
 
 
@@ -2542,6 +2564,7 @@ def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float) -
         "isolation": cfg.isolation,
         "model_timeout_sec": cfg.model_timeout_sec,
         "options": {},
+        **cfg.executor_info,
         "environment": env,
         "results": outcome.results,
     }
@@ -2614,14 +2637,14 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
            "the true peak of each run (peak counters reset before every run).", ""]
     md += ["## Results", ""] + table(
         ["Model", "Load Time (s)", "Avg Inference (s)", "Std (s)", "FPS", "Peak Memory (MB)", "Parameters", "Layers"],
-        [[r["model_name"], fmt(r["load_time_sec"], ".2f"), noisy_mark(r, fmt(r["avg_inference_sec"])),
+        [[row_name(r), fmt(r["load_time_sec"], ".2f"), noisy_mark(r, fmt(r["avg_inference_sec"])),
           fmt(r["std_inference_sec"]), fmt(r["fps_avg"], ".2f"), fmt(r["mem_peak_mb"], ".0f"),
           f"{r['total_params']:,}", r["total_layers_dissected"]] for r in ok])
     md += ["## Phases (s)", "",
            "Each in the model's own worker, in this order; the cold run comes after all of them. Module calls "
            "before the cold run must be 0: no forward of the model warms it.", ""] + table(
         ["Model", "Imports", "Runtime init", "Download", "Load", "Module calls before cold run"],
-        [[r["model_name"], fmt(r["import_sec"], ".2f"), fmt(r["runtime_init_sec"]),
+        [[row_name(r), fmt(r["import_sec"], ".2f"), fmt(r["runtime_init_sec"]),
           fmt(r["download_sec"], ".2f") + (" (downloaded)" if r["downloaded"] else ""), fmt(r["load_time_sec"], ".2f"),
           r["module_calls_before_cold_run"]] for r in ok])
     md += ["## Latency Detail", "",
@@ -2629,7 +2652,7 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
            f"(p90 needs {PERCENTILE_MIN_SAMPLES[90]}, p99 {PERCENTILE_MIN_SAMPLES[99]} warm runs).", ""] + table(
         ["Model", "Cold (s)", "Warm median (s)", "Warm p90 (s)", "Warm p99 (s)", "Warm runs", "Warm IQR/median",
          "Preprocess (s)", "Postprocess (s)", "Input shape"],
-        [[r["model_name"], fmt(r["cold_inference_sec"]), noisy_mark(r, fmt(r["warm_median_sec"])),
+        [[row_name(r), fmt(r["cold_inference_sec"]), noisy_mark(r, fmt(r["warm_median_sec"])),
           fmt(r["warm_p90_sec"]), fmt(r["warm_p99_sec"]), r["warm_samples"], fmt(r["warm_iqr_rel"], ".1%"),
           fmt(r["preprocess_avg_sec"]), fmt(r["postprocess_avg_sec"]), shape_text(r["input_shape"])] for r in ok])
     varied = [r for r in ok if len({shape_text(i["input_shape"]) for i in r["per_image"]}) > 1]
@@ -2638,22 +2661,22 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
                "run is a cold run for its shape.", ""] + table(
             ["Model", "Image", "Input shape", "Cold (s)", "Warm median (s)", "Warm runs", "Preprocess (s)",
              "Postprocess (s)"],
-            [[r["model_name"], i["image"], shape_text(i["input_shape"]), fmt(i["cold_sec"]), fmt(i["warm_median_sec"]),
+            [[row_name(r), i["image"], shape_text(i["input_shape"]), fmt(i["cold_sec"]), fmt(i["warm_median_sec"]),
               i["warm_samples"], fmt(i["preprocess_avg_sec"]), fmt(i["postprocess_avg_sec"])]
              for r in varied for i in r["per_image"]])
     md += ["## Noise", "", f"A model is flagged noisy when its warm IQR/median exceeds {NOISE_MAX_IQR_REL:.0%} or "
            f"other processes used more than {NOISE_MAX_OTHER_CORES} cores during its runs.", ""] + table(
         ["Model", "Load avg (1 min)", "Other processes (cores)", "Verdict"],
-        [[r["model_name"], fmt(r["load_avg_1min"], ".2f"), fmt(r["other_cpu_cores"], ".2f"),
+        [[row_name(r), fmt(r["load_avg_1min"], ".2f"), fmt(r["other_cpu_cores"], ".2f"),
           "NOISY: " + "; ".join(r["noise_reasons"]) if r["noisy"] else "quiet"] for r in ok])
     md += ["## Memory (MB)", "", "Against the worker's own baseline after runtime init.", ""] + table(
         ["Model", "Kind", "Baseline", "After load", "Peak", "After cleanup", "Not returned", "Peak RSS"],
-        [[r["model_name"], r["mem_kind"], fmt(r["mem_before_mb"], ".0f"), fmt(r["mem_after_load_mb"], ".0f"),
+        [[row_name(r), r["mem_kind"], fmt(r["mem_before_mb"], ".0f"), fmt(r["mem_after_load_mb"], ".0f"),
           fmt(r["mem_peak_mb"], ".0f"), fmt(r["mem_after_cleanup_mb"], ".0f"), fmt(r["mem_not_returned_mb"], "+.0f"),
           fmt(r["rss_peak_mb"], ".0f")] for r in ok])
     md += ["## Weights and Preprocessing", ""] + table(
         ["Model", "Weights", "Backend", "Preprocessing", "Notes"],
-        [[r["model_name"], r["weights_source"], r["backend"], r["preprocess_note"], "; ".join(r["notes"]) or "-"]
+        [[row_name(r), r["weights_source"], r["backend"], r["preprocess_note"], "; ".join(r["notes"]) or "-"]
          for r in ok])
     others = [r for r in results if r["status"] != "ok"]
     if others:
@@ -2686,9 +2709,9 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
     if not dissected:
         md += ["Layer dissection was not run (--no-dissect).", ""]
     for r in dissected:
-        rel = f"../viz/{cfg.timestamp}/{r['class_name']}"
-        md += [f"### {r['class_name']}", "",
-               f"- Folder: [`viz/{cfg.timestamp}/{r['class_name']}/`]({rel}/) ({r['total_layers_dissected']} layer "
+        rel = Path(os.path.relpath(r["viz_dir"], cfg.results_dir)).as_posix()
+        md += [f"### {row_name(r)}", "",
+               f"- Folder: [`{rel.removeprefix('../')}/`]({rel}/) ({r['total_layers_dissected']} layer "
                f"outputs, {format_bytes(r['dissect_bytes_written'])}, {r['dissect_time_sec']:.2f}s, {r['dissect_mode']})",
                f"- Metadata: [`layers_metadata.json`]({rel}/layers_metadata.json)",
                f"- Status: {r['dissect_status']}", "",
@@ -2824,7 +2847,7 @@ def plot_latency(rows: list[dict], path: Path) -> None:
                    label="warm runs" if y == 0 else None)
         ax.scatter([row["cold_inference_sec"]], [y], marker="x", s=60, color="tab:red",
                    label="cold run" if y == 0 else None)
-    ax.set_yticks(range(len(rows)), [r["model_name"] for r in rows])
+    ax.set_yticks(range(len(rows)), [row_name(r) for r in rows])
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("forward latency (s, log scale)")
@@ -2848,7 +2871,7 @@ def plot_phases(rows: list[dict], path: Path) -> None:
         left += share
     for y, total in enumerate(totals):
         ax.text(101, y, f"{total * 1000:.0f} ms", va="center", fontsize="small")
-    ax.set_yticks(range(len(rows)), [r["model_name"] for r in rows])
+    ax.set_yticks(range(len(rows)), [row_name(r) for r in rows])
     ax.invert_yaxis()
     ax.set_xlim(0, 118)
     ax.set_xlabel("share of one run (%); total per run beside each bar")
@@ -2863,7 +2886,7 @@ def plot_memory(rows: list[dict], path: Path) -> None:
     ys = range(len(rows))
     ax.barh(ys, [r["mem_peak_mb"] or 0 for r in rows], color="tab:purple", label="peak")
     ax.barh(ys, [r["mem_before_mb"] or 0 for r in rows], color="tab:gray", alpha=0.6, label="baseline")
-    ax.set_yticks(ys, [r["model_name"] for r in rows])
+    ax.set_yticks(ys, [row_name(r) for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel(f"memory (MB, {rows[0]['mem_kind']})")
     ax.set_title("Memory peaks")
@@ -3029,6 +3052,366 @@ def print_summary(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, pa
 
 
 # --------------------------------------------------------------------------------------
+# Executors: the suite here (local) or on a Ray cluster
+# --------------------------------------------------------------------------------------
+
+EXECUTORS = ("local", "ray")
+FLEET_MODES = ("spread", "every-node", "every-gpu-type")
+RAY_SLOT = "vision_bench_slot"   # custom resource, 1 per CPU node: a node never runs two models at once
+RAY_FILE_MODES = ("auto", "shared", "object-store")
+RAY_CHUNK_BYTES = 8 * 1024**2    # dissection files travel through the object store in chunks this size
+RAY_POLL_SEC = 0.5
+
+
+@dataclass
+class RayOptions:
+    address: str = "auto"
+    fleet: str = "spread"
+    files: str = "auto"
+
+
+def node_facts() -> dict:
+    """Who this cluster node is, for the rows it produces (and its machine key for the history)."""
+    env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return {"hostname": env["hostname"], "gpu_name": env["gpu_name"], "cpu_model": env["cpu_model"],
+            "machine_key": machine_key(env), "environment": env}
+
+
+def node_run_main(job_path: Path, result_path: Path, timeout: str) -> int:
+    """On a cluster node (internal): one model through the same supervised worker as a local run."""
+    die_with_parent()
+    job = WorkerJob(**json.loads(job_path.read_text(encoding="utf-8")))
+    if job.device == "auto":
+        job.device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory(prefix="vision-bench-node-") as work_dir:
+        with termination_signals():
+            row = execute_job(job, "process", Path(work_dir), None if timeout == "none" else float(timeout))
+    atomic_write_text(result_path, json.dumps({**row, "node": node_facts()}, default=str))
+    return EXIT_OK
+
+
+def node_preflight_main(request: str) -> int:
+    """On a cluster node (internal): what the selected models lack there, as one JSON line."""
+    ask = json.loads(request)
+    device = torch.device("cpu")
+    benches = [c(device, ask["weights"], Path(ask["models_dir"])) for c in resolve_models(ask["models"])]
+    problems = check_requirements(benches)
+    print(json.dumps({"problems": problems, **{k: v for k, v in node_facts().items() if k != "environment"}}))
+    return EXIT_OK
+
+
+# The three Ray tasks below are shipped by value and use nothing of this module: a node needs
+# this program's dependencies, not this file at a path (its text travels with the task).
+
+def ray_model_task(script: str, images: list, job: dict, timeout: str, node_viz: str | None) -> dict:
+    """Run one model on this node through `--node-run` (this program and the images written to a
+    temp folder)."""
+    import json, os, subprocess, sys, tempfile, time  # noqa: E401 (a task imports what it uses)
+    import ray
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="vision-bench-task-") as tmp:
+        paths = {name: os.path.join(tmp, name) for name in ("unified_benchmark.py", "job.json", "row.json")}
+        with open(paths["unified_benchmark.py"], "w", encoding="utf-8") as f:
+            f.write(script)
+        os.mkdir(os.path.join(tmp, "images"))
+        for name, data in images:
+            with open(os.path.join(tmp, "images", name), "wb") as f:
+                f.write(data)
+        job = {**job, "images": [os.path.join(tmp, "images", name) for name, _ in images]}
+        if node_viz:  # the driver's folder is not shared: write here, the driver pulls the files
+            job["viz_dir"] = node_viz
+        with open(paths["job.json"], "w", encoding="utf-8") as f:
+            json.dump(job, f)
+        proc = subprocess.run([sys.executable, paths["unified_benchmark.py"], "--node-run", paths["job.json"],
+                               paths["row.json"], timeout], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if not os.path.exists(paths["row.json"]):
+            raise RuntimeError(f"the node's runner exited with code {proc.returncode} without a row")
+        with open(paths["row.json"], encoding="utf-8") as f:
+            row = json.load(f)
+    return {**row, "node_id": ray.get_runtime_context().get_node_id(), "started_wall": started,
+            "finished_wall": time.time()}
+
+
+def ray_preflight_task(script: str, request: str) -> dict:
+    import json, os, subprocess, sys, tempfile  # noqa: E401
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="vision-bench-task-") as tmp:
+        path = os.path.join(tmp, "unified_benchmark.py")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(script)
+        proc = subprocess.run([sys.executable, path, "--node-preflight", request], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stdout + proc.stderr).strip().splitlines()[-1:]}
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def ray_path_exists(path: str) -> bool:
+    import os
+
+    return os.path.exists(path)
+
+
+def ray_pull_files(folder: str, chunk_bytes: int):
+    """Stream a node's folder to the driver as (relative path, offset, bytes) chunks, then delete it."""
+    import os
+    import shutil
+
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                offset = 0
+                while True:
+                    data = f.read(chunk_bytes)
+                    yield os.path.relpath(path, folder), offset, data
+                    offset += len(data)
+                    if len(data) < chunk_bytes:
+                        break
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class RayFleet:
+    """A run on a Ray cluster: one task per (model, node), each in the same worker as a local run.
+
+    Never two models on one GPU (num_gpus=1) or, on CPU nodes, on one node (a RAY_SLOT of 1).
+    No task is retried: a node or worker that dies is a crashed row naming the node."""
+
+    def __init__(self, cfg: RunConfig, options: RayOptions):
+        self.cfg, self.options = cfg, options
+        self.started_ray = False
+        self.info: dict[str, Any] = {"executor": "ray", "fleet": options.fleet}
+
+    # -- cluster ------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        import ray
+
+        if __name__ != "__main__":  # imported (tests, a notebook): ship the task functions by value
+            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every worker line reaches the console as printed
+        address = self.options.address
+        if address == "auto" and not os.environ.get("RAY_ADDRESS"):
+            try:
+                ray.init(address="auto", include_dashboard=False, logging_level="ERROR")
+            except ConnectionError:
+                log("No running Ray cluster found: starting a local one for this run", "RAY")
+                ray.init(resources={RAY_SLOT: 1}, include_dashboard=False, logging_level="ERROR")
+                self.started_ray = True
+        else:
+            ray.init(address=None if address == "auto" else address, include_dashboard=False, logging_level="ERROR")
+        self.info["ray_address"] = ray.get_runtime_context().gcs_address
+        self.info["started_local_ray"] = self.started_ray
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()  # a local Ray started for this run stops with it
+
+    def nodes(self) -> list[dict]:
+        """Alive nodes that can take a model: a GPU for CUDA runs, else a benchmark slot."""
+        import ray
+
+        need = "GPU" if self.use_gpu else RAY_SLOT
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(need, 0) >= 1]
+        if not nodes:
+            raise UsageError(f"no node of the Ray cluster at {self.info['ray_address']} offers '{need}': start each "
+                             f"node with --resources '{{\"{RAY_SLOT}\": 1}}' (CPU) or with GPUs")
+        return nodes
+
+    @property
+    def use_gpu(self) -> bool:
+        import ray
+
+        if self.cfg.device_request.startswith("cuda"):
+            return True
+        return self.cfg.device_request == "auto" and ray.cluster_resources().get("GPU", 0) >= 1
+
+    def task_options(self, node: dict | None = None) -> dict:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options: dict[str, Any] = {"max_retries": 0, "num_cpus": 0}
+        options.update({"num_gpus": 1} if self.use_gpu else {"resources": {RAY_SLOT: 1}})
+        if node is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        return options
+
+    def plan(self, nodes: list[dict]) -> list[tuple[type[ModelBenchmark], dict | None]]:
+        """(model, node) pairs: spread lets Ray place each model; the other modes pin every model
+        to every node, or to one node per GPU type."""
+        models = [c for c in self.cfg.models if c.__name__ not in self.cfg.skips]
+        if self.options.fleet == "spread":
+            return [(c, None) for c in models]
+        if self.options.fleet == "every-gpu-type":
+            by_type: dict[str, dict] = {}
+            for node in nodes:
+                kind = next((k for k in node["Resources"] if k.startswith("accelerator_type:")), "CPU")
+                by_type.setdefault(kind, node)
+            nodes = list(by_type.values())
+        return [(c, n) for n in nodes for c in models]
+
+    # -- preflight and files ------------------------------------------------------------
+
+    def preflight(self, nodes: list[dict], script_ref) -> None:
+        """Every node that will run a model checks its weights and dependencies first."""
+        import ray
+
+        request = json.dumps({"models": ",".join(c.__name__ for c in self.cfg.models), "weights": self.cfg.weights,
+                              "models_dir": str(self.cfg.models_dir)})
+        task = ray.remote(ray_preflight_task)
+        answers = ray.get([task.options(**{**self.task_options(n), "resources": {}, "num_gpus": 0})
+                           .remote(script_ref, request) for n in nodes])
+        problems = []
+        for node, answer in zip(nodes, answers):
+            where = f"node {node['NodeID'][:12]} ({node['NodeManagerHostname']})"
+            if "error" in answer:
+                problems.append(f"{where}: {answer['error']}")
+            for name, found in answer.get("problems", {}).items():
+                if issubclass(next(c for c in MODEL_REGISTRY if c.__name__ == name), SKIPPABLE):
+                    self.cfg.skips[name] = f"{where}: {found[0]}"  # the spec's DA-V2 skip
+                    log(f"{name} will be skipped: {self.cfg.skips[name]}", "WARNING")
+                else:
+                    problems += [f"{where}: {name}: {p}" for p in found]
+        if problems:
+            raise UsageError(f"preflight on the cluster found {len(problems)} problem(s); nothing was run:\n  - "
+                             + "\n  - ".join(problems))
+        log(f"Preflight passed on {len(nodes)} node(s)", "RAY")
+
+    def shared_output(self, nodes: list[dict], script_ref) -> bool:
+        """Whether every node sees the driver's output folder (a probe file written here)."""
+        import ray
+
+        if self.options.files != "auto":
+            return self.options.files == "shared"
+        probe = self.cfg.output_dir / f".vision-bench-probe-{uuid.uuid4().hex}"
+        probe.write_text("probe")
+        try:
+            check = ray.remote(ray_path_exists)
+            seen = ray.get([check.options(**{**self.task_options(n), "resources": {}, "num_gpus": 0}).remote(str(probe))
+                            for n in nodes])
+        finally:
+            probe.unlink(missing_ok=True)
+        return all(seen)
+
+    def pull_files(self, row: dict, source: Path, target: Path) -> None:
+        """Bring a model's dissection files from its node, one chunk at a time."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        pull = ray.remote(ray_pull_files).options(
+            num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(row["node_id"], soft=False))
+        chunks = 0
+        for ref in pull.remote(str(source), RAY_CHUNK_BYTES):
+            rel, offset, data = ray.get(ref)
+            path = target / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "r+b" if offset else "wb") as f:
+                f.seek(offset)
+                f.write(data)
+            chunks += 1
+        row["viz_dir"] = str(target / row["class_name"])
+        row["files_transfer"] = f"object store, {chunks} chunk(s) of at most {RAY_CHUNK_BYTES // 1024**2} MB"
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self) -> RunOutcome:
+        import ray
+
+        self.connect()
+        try:
+            nodes = self.nodes()
+            script_ref = ray.put(SCRIPT_PATH.read_text(encoding="utf-8"))
+            self.preflight(nodes, script_ref)
+            shared = self.shared_output(nodes, script_ref)
+            self.info["files"] = "shared folder" if shared else "object store"
+            log(f"{len(nodes)} node(s), fleet {self.options.fleet}, dissection files via {self.info['files']}", "RAY")
+            return self.submit_and_collect(self.plan(nodes), script_ref, shared)
+        finally:
+            self.shutdown()
+
+    def submit_and_collect(self, plan, script_ref, shared: bool) -> RunOutcome:
+        import ray
+
+        task = ray.remote(ray_model_task)
+        images_ref = ray.put([(p.name, p.read_bytes()) for p in self.cfg.images])
+        timeout = "none" if self.cfg.model_timeout_sec is None else str(self.cfg.model_timeout_sec)
+        refs = {}
+        for cls, node in plan:
+            job = vars(self.cfg.job(cls)) | ({"device": "auto"} if self.cfg.device_request == "auto" else {})
+            if node is not None:  # the same model on several nodes: a folder per node
+                job["viz_dir"] = str(self.cfg.viz_dir / f"node-{node['NodeID'][:8]}")
+            node_viz = None if shared else f"{tempfile.gettempdir()}/vision-bench-{uuid.uuid4().hex}"
+            ref = task.options(**self.task_options(node)).remote(script_ref, images_ref, job, timeout, node_viz)
+            refs[ref] = (cls, node, Path(job["viz_dir"]), node_viz)
+        results: dict[Any, dict] = {}
+        exit_code, pending = EXIT_OK, list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1, timeout=RAY_POLL_SEC)
+                for ref in done:
+                    row = self.collect(ref, *refs[ref])
+                    results[ref] = row
+                    if row["status"] in FAILED_STATUSES:
+                        exit_code = EXIT_MODEL_FAILED
+                        if not self.cfg.keep_going:
+                            self.cancel(pending)
+                            return RunOutcome(self.ordered(refs, results), exit_code, False)
+        except (KeyboardInterrupt, RunInterrupted) as e:
+            self.cancel(pending)
+            signum = e.signum if isinstance(e, RunInterrupted) else signal.SIGINT
+            return RunOutcome(self.ordered(refs, results), EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM,
+                              False, signal.Signals(signum).name)
+        return RunOutcome(self.ordered(refs, results), exit_code, True)
+
+    def collect(self, ref, cls: type[ModelBenchmark], node: dict | None, viz_dir: Path, node_viz: str | None) -> dict:
+        """A finished task's row; a task that died is a crashed row naming its node."""
+        import ray
+
+        try:
+            row = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            where = f"node {node['NodeID'][:12]}" if node else "its node"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            row = status_row(cls, "crashed", f"{cls.__name__}: the Ray task on {where} died: {type(e).__name__}: {first}")
+            log(row["error"], "ERROR")
+            return row
+        row["node_label"] = f"{row['node']['hostname']} {row['node_id'][:8]} {row['node']['gpu_name'] or 'CPU'}"
+        log(f"{cls.__name__} on node {row['node_label']}: {row['status']}", "RAY")
+        if node_viz and row.get("viz_dir"):
+            self.pull_files(row, Path(node_viz), viz_dir)  # node_viz: this task's own folder
+        return row
+
+    def cancel(self, pending: list) -> None:
+        import ray
+
+        for ref in pending:
+            ray.cancel(ref, force=True)  # kills the task's process; its runner and worker die with it
+
+    @staticmethod
+    def ordered(refs: dict, results: dict) -> list[dict]:
+        return [results[r] for r in refs if r in results]
+
+
+def merged_fleet_report(payload: dict, cfg: RunConfig) -> list[Path]:
+    """--fleet every-node / every-gpu-type: one cross-machine report, a column per node."""
+    by_node: dict[str, list[dict]] = {}
+    for row in payload["results"]:
+        if row.get("node_label"):
+            by_node.setdefault(row["node_label"], []).append(row)
+    payloads = [{"run_id": payload["run_id"], "environment": rows[0]["node"]["environment"], "results": rows}
+                for rows in by_node.values()]
+    labels = list(by_node)
+    plot = Path(f"plots_{cfg.timestamp}") / "merged_latency.png"
+    plots = [plot.as_posix()] if plot_merged(payloads, labels, cfg.results_dir / plot) else []
+    md, table_csv = merged_text(payloads, labels, plots)
+    paths = [cfg.results_dir / f"merged_report_{cfg.timestamp}.md", cfg.results_dir / f"merged_summary_{cfg.timestamp}.csv"]
+    for path, text in zip(paths, (md, table_csv)):
+        atomic_write_text(path, text)
+    return paths
+
+
+# --------------------------------------------------------------------------------------
 # CLI and main
 # --------------------------------------------------------------------------------------
 
@@ -3098,6 +3481,19 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--model-timeout", type=positive_seconds, metavar="SEC",
                         help="stop a model's worker after SEC seconds and record it as timed_out (default: none)")
     parser.add_argument("--list", action="store_true", help="list the models and whether each is available now")
+    cluster = parser.add_argument_group("many machines (Ray)")
+    cluster.add_argument("--executor", choices=EXECUTORS, default="local",
+                         help="local (default): this machine; ray: a Ray cluster, one model per GPU or per node")
+    cluster.add_argument("--ray-address", default="auto", metavar="ADDRESS",
+                         help="the cluster to use (default auto: RAY_ADDRESS or a running local head, else a "
+                              "local Ray started for this run)")
+    cluster.add_argument("--fleet", choices=FLEET_MODES, default="spread",
+                         help="spread (default): the models over the cluster; every-node: the whole suite on "
+                              "every node; every-gpu-type: on one node per GPU type; the last two also write "
+                              "one merged cross-machine report")
+    cluster.add_argument("--ray-files", choices=RAY_FILE_MODES, default="auto",
+                         help="how dissection files reach this machine: auto (default: directly when every "
+                              "node sees the output folder, else through Ray's object store), shared, object-store")
     history = parser.add_argument_group("history and verdicts")
     history.add_argument("--history", type=Path, metavar="PATH",
                          help=f"run history (SQLite) to store this run in and judge it against "
@@ -3115,7 +3511,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, check: bool = True) -> torch.device:
+    """--device on this machine; check=False for a Ray driver, whose nodes have the devices."""
     if name == "auto":
         if torch.cuda.is_available():
             log("Using CUDA device")
@@ -3123,7 +3520,7 @@ def resolve_device(name: str) -> torch.device:
         log("CUDA not available, falling back to CPU. Performance will be significantly slower.", "WARNING")
         return torch.device("cpu")
     device = torch.device(name)
-    if device.type == "cuda":
+    if device.type == "cuda" and check:
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine "
                              f"(torch {torch.__version__}). Use --device cpu or --device auto")
@@ -3286,9 +3683,10 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print_model_list(args)
         return EXIT_OK
-    device = resolve_device(args.device)
+    on_ray = args.executor == "ray"
+    device = torch.device("cpu") if on_ray and args.device == "auto" else resolve_device(args.device, check=not on_ray)
     images, image_source = discover_images(args.images)
-    skips = preflight(classes, args, device)
+    skips = {} if on_ray else preflight(classes, args, device)  # on Ray, each node checks itself
     output_dir = args.output_dir.resolve()
     prepare_output(output_dir, not args.no_dissect)
     lock = RunLock(output_dir)
@@ -3299,13 +3697,18 @@ def run(args: argparse.Namespace) -> int:
                             weights=args.weights, models_dir=args.models_dir.resolve(), output_dir=output_dir,
                             dissect=not args.no_dissect, dissect_mode=args.dissect_mode, keep_going=args.keep_going,
                             isolation=args.isolation, model_timeout_sec=args.model_timeout, work_dir=Path(work_dir),
-                            timestamp=claim_timestamp(output_dir), skips=skips,
+                            timestamp=claim_timestamp(output_dir), skips=skips, device_request=args.device,
                             started_at=datetime.now().isoformat(timespec="microseconds"))
             log(f"Run {cfg.timestamp}: {len(classes)} model(s), {len(images)} image(s), {cfg.runs} run(s) per image, "
                 f"{cfg.weights} weights, device {device}, isolation {cfg.isolation}")
             start = time.perf_counter()
             with termination_signals():
-                outcome = run_benchmark(cfg)
+                if on_ray:
+                    fleet = RayFleet(cfg, RayOptions(args.ray_address, args.fleet, args.ray_files))
+                    outcome = fleet.run()
+                    cfg.executor_info = fleet.info
+                else:
+                    outcome = run_benchmark(cfg)
             total_time_sec = time.perf_counter() - start
         if outcome.interrupted_by and not cfg.keep_going:
             log(f"No reports written (interrupted by {outcome.interrupted_by}; with --keep-going the finished "
@@ -3314,6 +3717,8 @@ def run(args: argparse.Namespace) -> int:
             payload = report_payload(outcome, cfg, total_time_sec)
             trends = judge_against_history(payload, history_path(args, output_dir))
             paths = generate_reports(payload, cfg, trends)
+            if on_ray and args.fleet != "spread":
+                paths += merged_fleet_report(payload, cfg)
             store_in_history(payload)
             print_changes(payload)
             print_summary(outcome, cfg, total_time_sec, paths)
@@ -3347,7 +3752,8 @@ def judge_against_history(payload: dict, path: Path | None) -> dict[str, list[di
             verdicts, trends = [], {}
             for row in ok:
                 earlier = store.earlier(payload, row) if store else []
-                judged = judge_model(row, earlier, payload["environment"])
+                judged = [{**v, "machine_key": row_machine_key(payload, row)}
+                          for v in judge_model(row, earlier, (row.get("node") or payload)["environment"])]
                 warm = next(v for v in judged if v["metric"] == "warm latency")
                 trends[row["class_name"]] = (store.trend(payload, row) if store else []) + [
                     {"started_at": payload["started_at"], "warm_median_sec": row["warm_median_sec"], **warm}]
@@ -3424,6 +3830,10 @@ def main(argv: list[str] | None = None) -> int:
             return worker_main(Path(argv[1]), int(argv[2]))
         if argv[:1] == ["--build-random"]:  # internal: see prepare_random_checkpoint
             return build_random_main(argv[1], Path(argv[2]))
+        if argv[:1] == ["--node-run"]:  # internal: one model on a Ray node (see ray_model_task)
+            return node_run_main(Path(argv[1]), Path(argv[2]), argv[3])
+        if argv[:1] == ["--node-preflight"]:  # internal: see RayFleet.preflight
+            return node_preflight_main(argv[1])
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as e:  # --help

@@ -263,10 +263,11 @@ def test_a_store_written_with_schema_1_is_read(tmp_path):
     db.execute("INSERT INTO runs VALUES ('r1', '2026-01-01T03:00:00', '20260101_030000', ?, 'h', ?, 1, 'run')",
                (ub.machine_key(env), json.dumps(env)))
     row = {"model_name": "YOLO11n-Detect", "class_name": "YOLO11nDetectBenchmark", "status": "ok"}
-    db.execute("INSERT INTO model_results (run_id, class_name, model_name, config_key, config, status, row) "
-               "VALUES ('r1', 'YOLO11nDetectBenchmark', 'YOLO11n-Detect', 'k', '{}', 'ok', ?)", (json.dumps(row),))
-    db.execute("INSERT INTO samples (run_id, class_name, image, run, inference_sec) VALUES "
-               "('r1', 'YOLO11nDetectBenchmark', 'bus.jpg', 1, 0.125)")
+    db.execute("INSERT INTO model_results (run_id, class_name, machine_key, model_name, config_key, config, status, "
+               "row) VALUES ('r1', 'YOLO11nDetectBenchmark', 'm', 'YOLO11n-Detect', 'k', '{}', 'ok', ?)",
+               (json.dumps(row),))
+    db.execute("INSERT INTO samples (run_id, class_name, machine_key, image, run, inference_sec) VALUES "
+               "('r1', 'YOLO11nDetectBenchmark', 'm', 'bus.jpg', 1, 0.125)")
     db.commit()
     db.close()
     store = ub.HistoryStore(path)
