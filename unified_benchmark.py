@@ -3684,6 +3684,9 @@ def run(args: argparse.Namespace) -> int:
         print_model_list(args)
         return EXIT_OK
     on_ray = args.executor == "ray"
+    if on_ray and args.isolation == "none":
+        raise UsageError("--isolation none runs the models in this process; on a Ray cluster every model runs in "
+                         "a worker on its node: leave out --isolation or --executor ray")
     device = torch.device("cpu") if on_ray and args.device == "auto" else resolve_device(args.device, check=not on_ray)
     images, image_source = discover_images(args.images)
     skips = {} if on_ray else preflight(classes, args, device)  # on Ray, each node checks itself

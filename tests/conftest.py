@@ -7,9 +7,11 @@ documented in the README); full-size ones are checked on the meta device.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -88,3 +90,24 @@ def start_hog(index: int) -> subprocess.Popen:
     cpus = sorted(os.sched_getaffinity(0))
     return subprocess.Popen([sys.executable, "-c", HOG],
                             preexec_fn=lambda: os.sched_setaffinity(0, {cpus[index % len(cpus)]}))
+
+
+def start_cli(*args, env: dict | None = None) -> subprocess.Popen:
+    """The program as a user runs it, in a fresh process whose output a test reads as it comes."""
+    return subprocess.Popen([sys.executable, str(REPO / "unified_benchmark.py"), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def read_until(proc, pattern: str, lines: list[str], timeout: float = 120) -> re.Match:
+    """Read a started program's output line by line (kept in lines) until one matches pattern."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if match := re.search(pattern, line):
+            return match
+    proc.kill()
+    pytest.fail(f"never saw {pattern!r}:\n{''.join(lines)}")

@@ -133,6 +133,9 @@ def test_list_shows_every_model(capsys):
     (["--device", "gpu"], "Valid: auto, cpu, cuda, cuda:N"),
     (["--weights", "imagenet"], "choose from"),
     (["--bogus"], "unrecognized arguments"),
+    (["--executor", "ray", "--isolation", "none"], "--isolation none runs the models in this process"),
+    (["--compare", "a.json"], "expected 2 arguments"),
+    (["--compare", "a.json", "b.json", "--merge", "c.json"], "not allowed with argument"),
 ])
 def test_usage_errors_exit_2_with_the_valid_choices(capsys, args, needle):
     code, text = run_main(capsys, *args)

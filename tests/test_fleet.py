@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, load_report, ub
+from conftest import REPO, load_report, read_until, start_cli, ub
 
 ray = pytest.importorskip("ray", reason="ray is in requirements.txt; install it to run the cluster tests")
 
@@ -29,25 +29,6 @@ def ray_processes() -> list[str]:
         if RAY_PROCESSES.search(cmd):
             found.append(f"{pid}: {cmd[:120]}")
     return found
-
-
-def start_cli(*args, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "unified_benchmark.py"), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-
-
-def read_until(proc, pattern, lines, timeout=120) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if match := re.search(pattern, line):
-            return match
-    proc.kill()
-    pytest.fail(f"never saw {pattern!r}:\n{''.join(lines)}")
 
 
 def test_a_local_ray_started_for_the_run_is_gone_after_ctrl_c(tmp_path, one_image_dir):

@@ -1,7 +1,6 @@
 """A worker process per model: real children, real signals, phases, per-image statistics, noise."""
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -11,27 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUS, REPO, ZIDANE, load_report, run_main, start_hog, ub, write_yolo_checkpoint
-
-
-def start_cli(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "unified_benchmark.py"), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def read_until(proc, pattern: str, lines: list[str], timeout: float = 120) -> re.Match:
-    """Read the program's output line by line until one matches pattern."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if match := re.search(pattern, line):
-            return match
-    proc.kill()
-    pytest.fail(f"never saw {pattern!r}:\n{''.join(lines)}")
+from conftest import (BUS, REPO, ZIDANE, load_report, read_until, run_main, start_cli, start_hog, ub,
+                      write_yolo_checkpoint)
 
 
 def pid_alive(pid: int) -> bool:

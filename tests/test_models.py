@@ -143,6 +143,7 @@ def test_transformers_pretrained_path_loads_from_the_hf_cache(tmp_path, one_imag
         assert rows[name]["status"] == "ok"
         assert rows[name]["weights_source"].startswith("huggingface:")
         assert rows[name]["total_params"] == count
+        assert rows[name]["module_calls_before_cold_run"] == 0 and rows[name]["downloaded"] is False
     assert rows["DepthProBenchmark"]["input_shape"] == [1, 3, 768, 768]  # the saved processor's size
 
 
