@@ -2836,6 +2836,14 @@ def new_figure(rows: int, width_in: float = 9.0):
     return Figure(figsize=(width_in, 1.2 + 0.45 * max(rows, 2)), dpi=PLOT_DPI, layout="constrained")
 
 
+def plain_log_axis(axis) -> None:
+    """A log-scale axis labelled 0.1, 0.2, 1, 2 rather than 1e-1 or 2x10^-1."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))
+
+
 def plot_latency(rows: list[dict], path: Path) -> None:
     """Warm runs per model as points, the cold run marked; log scale (the models differ by 100x)."""
     fig = new_figure(len(rows))
@@ -2850,6 +2858,7 @@ def plot_latency(rows: list[dict], path: Path) -> None:
     ax.set_yticks(range(len(rows)), [row_name(r) for r in rows])
     ax.invert_yaxis()
     ax.set_xscale("log")
+    plain_log_axis(ax.xaxis)
     ax.set_xlabel("forward latency (s, log scale)")
     ax.set_title("Latency per run")
     ax.grid(axis="x", which="both", alpha=0.3)
@@ -2952,6 +2961,7 @@ def plot_merged(payloads: list[dict], labels: list[str], path: Path) -> bool:
         ax.set_yticks(np.arange(len(models)) + 0.4 - height / 2, models)
         ax.invert_yaxis()
         ax.set_xscale("log")
+        plain_log_axis(ax.xaxis)
         ax.set_xlabel("warm median (s, log scale)")
         ax.set_title("Warm latency per machine")
         fig.legend(loc="outside lower center", ncols=4, fontsize="small")
