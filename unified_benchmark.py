@@ -1997,6 +1997,8 @@ class WorkerProcess:
         self.proc.stdout.close()
 
     def _read_ready(self, timeout: float, until_eof: bool = False) -> None:
+        if not self._selector.get_map():  # both pipes closed: wait for the exit without spinning
+            time.sleep(0 if until_eof else timeout)
         while self._selector.get_map():
             events = self._selector.select(timeout)
             if not events:
@@ -2030,7 +2032,10 @@ class WorkerProcess:
         self.lines.append(line)
 
     def _on_message(self, line: str) -> None:
-        message = json.loads(line)
+        try:
+            message = json.loads(line)
+        except ValueError:  # cut short by the worker's death
+            return
         if message["type"] == "progress":
             self.progress.update(phase=message["phase"], image=message["image"], rss_peak_mb=message["rss_peak_mb"])
         elif message["type"] == "result":
