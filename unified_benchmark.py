@@ -1738,7 +1738,8 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         noise = noise_reasons(stats["warm_iqr_rel"], host.other_cpu_cores)
         log(f"Inference: avg={stats['avg_inference_sec']:.3f}s std={stats['std_inference_sec']:.3f}s "
             f"min={stats['min_inference_sec']:.3f}s max={stats['max_inference_sec']:.3f}s "
-            f"cold={stats['cold_inference_sec']:.3f}s warm median={fmt(stats['warm_median_sec'])}s "
+            f"cold={stats['cold_inference_sec']:.3f}s warm median={fmt(stats['warm_median_sec'], '.3f')}"
+            f"{'s' if stats['warm_median_sec'] is not None else ''} "
             f"({stats['warm_samples']} warm runs)", "STATS")
         log(f"FPS: avg={stats['fps_avg']:.3f} std={fmt(stats['fps_std'])}", "STATS")
         if noise:
