@@ -126,3 +126,14 @@ def test_a_worker_killed_on_a_node_is_one_crashed_row(cluster, tmp_path, one_ima
     assert sam["status"] == "crashed" and sam["worker_signal"] == "SIGKILL" and sam["node_id"]
     assert sam["failed_phase"] == "inference"
     assert yolo["status"] == "ok"
+
+
+def test_every_gpu_type_runs_the_suite_once_per_kind_of_node(cluster, tmp_path, one_image_dir):
+    """Both nodes are CPU nodes: one kind, so the suite runs once, on one node, all models there."""
+    code, text = run_on(cluster, tmp_path, one_image_dir, "--models", "yolo11n-detect,yolo11n-pose", "--runs", "2",
+                        "--no-dissect", "--fleet", "every-gpu-type")
+    assert code == 0, text
+    rows = load_report(tmp_path)["results"]
+    assert [r["status"] for r in rows] == ["ok", "ok"] and len({r["node_id"] for r in rows}) == 1
+    merged = next((tmp_path / "results").glob("merged_report_*.md")).read_text(encoding="utf-8")
+    assert "| Model | M1 |" in merged and "M2" not in merged
