@@ -35,6 +35,7 @@ import contextlib
 import csv
 import ctypes
 import fcntl
+import functools
 import gc
 import hashlib
 import importlib
@@ -632,27 +633,66 @@ def as_feature_map(tensor: torch.Tensor, grids: list[tuple[int, int]]) -> tuple[
     return None, None
 
 
-def feature_grid(chw: np.ndarray, columns: int = PNG_GRID_COLUMNS) -> np.ndarray:
-    """Up to 16 channels as one grayscale uint8 grid, each channel min-max normalised alone."""
+GAP_INDEX = 255                  # palette entry of the gaps between channels and the caption strip
+PNG_GAP_PX = 1
+PNG_MIN_WIDTH_PX = 256           # small maps are enlarged (nearest neighbour) up to this width ...
+PNG_MAX_SCALE = 8                # ... by at most this factor
+CAPTION_LINE_PX = 11
+
+
+@functools.lru_cache(maxsize=1)
+def viridis_palette() -> list[int]:
+    """A perceptual colour map as an 8-bit palette: entries 0..254 viridis, 255 white."""
+    from matplotlib import colormaps
+
+    colours = (colormaps["viridis"](np.linspace(0.0, 1.0, GAP_INDEX))[:, :3] * 255 + 0.5).astype(np.uint8)
+    return colours.flatten().tolist() + [255, 255, 255]
+
+
+def feature_grid(chw: np.ndarray, columns: int = PNG_GRID_COLUMNS, gap: int = PNG_GAP_PX) -> np.ndarray:
+    """Up to 16 channels as one grid of palette indices (0..254), each channel min-max
+    normalised on its own, a gap of GAP_INDEX between channels."""
     count = min(PNG_CHANNELS, chw.shape[0])
     cols = min(columns, count)
     rows = math.ceil(count / cols)
     height, width = chw.shape[1:]
-    grid = np.zeros((rows * height, cols * width), dtype=np.uint8)
+    grid = np.full((rows * (height + gap) - gap, cols * (width + gap) - gap), GAP_INDEX, dtype=np.uint8)
     for i in range(count):  # one channel at a time keeps temporaries small
         ch = np.nan_to_num(chw[i].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(ch.min()), float(ch.max())
-        scaled = (ch - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(ch)
+        scaled = (ch - lo) * ((GAP_INDEX - 1) / (hi - lo)) if hi > lo else np.zeros_like(ch)
         r, c = divmod(i, cols)
-        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = (scaled + 0.5).astype(np.uint8)
+        y, x = r * (height + gap), c * (width + gap)
+        grid[y:y + height, x:x + width] = (scaled + 0.5).astype(np.uint8)
     return grid
 
 
-def save_feature_map_png(tensor: torch.Tensor | np.ndarray, path: Path) -> int:
-    """Save the first 16 channels of batch item 0 as a PNG grid; returns bytes written."""
-    arr = tensor.numpy() if isinstance(tensor, torch.Tensor) else tensor
+def fit_text(text: str, width_px: int, char_px: int = 6) -> str:
+    """Text cut from the left ('...tail') to fit width_px in Pillow's default font."""
+    room = max(4, width_px // char_px)
+    return text if len(text) <= room else "..." + text[-(room - 3):]
+
+
+def palette_image(indices: np.ndarray, caption: list[str]) -> Image.Image:
+    """Palette indices as a viridis PNG image, enlarged when small, with a caption strip above."""
+    scale = min(PNG_MAX_SCALE, max(1, math.ceil(PNG_MIN_WIDTH_PX / indices.shape[1])))
+    body = indices.repeat(scale, 0).repeat(scale, 1) if scale > 1 else indices
+    top = CAPTION_LINE_PX * len(caption) + 2
+    img = Image.new("P", (body.shape[1], top + body.shape[0]), GAP_INDEX)
+    img.putpalette(viridis_palette())
+    img.paste(Image.fromarray(body, "P"), (0, top))
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(caption):
+        draw.text((2, 1 + i * CAPTION_LINE_PX), fit_text(line, body.shape[1] - 4), fill=0)
+    return img
+
+
+def save_feature_map_png(tensor: torch.Tensor | np.ndarray, path: Path, caption: list[str] | None = None) -> int:
+    """Save the first 16 channels of batch item 0 as a captioned viridis PNG grid; returns bytes written."""
+    if isinstance(tensor, torch.Tensor):
+        tensor = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
     # compress_level=1: several times faster than the default at a modest size cost.
-    Image.fromarray(feature_grid(arr[0])).save(path, compress_level=1)
+    palette_image(feature_grid(tensor[0]), caption or []).save(path, compress_level=1)
     return path.stat().st_size
 
 
@@ -794,7 +834,9 @@ class LayerDissector:
         stem = f"layer_{record.index:0{self._pad}d}"
         record.files = [f"{stem}.png", f"{stem}.npy"]
         png, npy = self.out_dir / record.files[0], self.out_dir / record.files[1]
-        self._writer.submit(lambda: save_feature_map_png(clone, png) + save_feature_map_npy(clone, npy))
+        caption = [f"#{record.index} {record.name} (call {record.call})",
+                   f"{record.type} {'x'.join(map(str, record.shape))} [{fmt(record.min, '.3g')}, {fmt(record.max, '.3g')}]"]
+        self._writer.submit(lambda: save_feature_map_png(clone, png, caption) + save_feature_map_npy(clone, npy))
 
     def _check_disk(self, need_bytes: int) -> None:
         free = shutil.disk_usage(self.out_dir).free
@@ -871,16 +913,19 @@ class LayerDissector:
         """One small channel-mean tile per pictured layer, in execution order, labelled."""
         if not self.tiles:
             return None
-        cell, label = OVERVIEW_TILE_PX + 4, 12
+        cell, label = OVERVIEW_TILE_PX + 4, 2 * CAPTION_LINE_PX
         cols = max(1, math.ceil(math.sqrt(len(self.tiles))))
         rows = math.ceil(len(self.tiles) / cols)
-        sheet = Image.new("L", (cols * cell, rows * (cell + label)), color=255)
+        sheet = Image.new("P", (cols * cell, rows * (cell + label)), GAP_INDEX)
+        sheet.putpalette(viridis_palette())
         draw = ImageDraw.Draw(sheet)
+        names = {r.index: r.name for r in self.records}
         for pos, (index, tile) in enumerate(sorted(self.tiles.items())):
             r, c = divmod(pos, cols)
             x, y = c * cell + 2, r * (cell + label)
-            sheet.paste(Image.fromarray(feature_grid(tile[None])), (x, y + label))
+            sheet.paste(Image.fromarray(feature_grid(tile[None]), "P"), (x, y + label))
             draw.text((x, y), str(index), fill=0)
+            draw.text((x, y + CAPTION_LINE_PX), fit_text(names[index], cell - 2), fill=0)
         sheet.save(self.out_dir / "overview.png", compress_level=1)
         return "overview.png"
 

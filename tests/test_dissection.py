@@ -71,17 +71,44 @@ def test_both_modes_write_identical_arrays(tmp_path):
         np.testing.assert_array_equal(np.load(a / name), np.load(b / name))
 
 
-def test_png_grid_layout(tmp_path):
-    _, folder = dissect(tmp_path, "single-pass")
-    grid = Image.open(folder / "layer_001.png")  # 20 channels of 8x8: the first 16 as 4x4
-    assert grid.mode == "L" and grid.size == (4 * 8, 4 * 8)
-    assert np.asarray(grid).dtype == np.uint8
-    assert np.load(folder / "layer_001.npy").shape == (1, 8, 8, 8)  # first 8 channels
+def grid_of(png: Image.Image, rows: int, cols: int, side: int) -> tuple[np.ndarray, int]:
+    """The channel grid below a layer picture's caption, and the factor it was enlarged by."""
+    width = cols * side + (cols - 1) * ub.PNG_GAP_PX
+    scale = png.size[0] // width
+    assert png.size[0] == scale * width
+    return np.asarray(png)[png.size[1] - scale * (rows * side + rows - 1):], scale
+
+
+def test_png_grid_layout_palette_gaps_and_caption(tmp_path):
+    summary, folder = dissect(tmp_path, "single-pass")
+    png = Image.open(folder / "layer_001.png")  # 20 channels of 8x8: the first 16 as 4x4, enlarged
+    assert png.mode == "P" and png.getpalette()[:3] == ub.viridis_palette()[:3]
+    assert png.getpalette()[3 * 254:3 * 256] == ub.viridis_palette()[3 * 254:3 * 256]
+    grid, scale = grid_of(png, 4, 4, 8)
+    assert scale == 8  # 35 px wide maps become 280 px
+    assert np.load(folder / "layer_001.npy").shape == (1, 8, 8, 8)  # first 8 channels, unchanged
+    tile = grid[:8 * scale, :8 * scale]
+    assert tile.min() == 0 and tile.max() == 254  # each channel min-max normalised on its own
+    assert (grid[:, 8 * scale:9 * scale] == ub.GAP_INDEX).all()  # a one-pixel gap, enlarged with the map
+    caption = np.asarray(png)[:png.size[1] - grid.shape[0]]
+    assert caption.shape[0] == 2 * ub.CAPTION_LINE_PX + 2 and (caption != ub.GAP_INDEX).any()  # text drawn
     six = Image.open(folder / "layer_003.png")  # 6 channels: 4 columns, 2 rows
-    assert six.size == (4 * 8, 2 * 8)
+    grid_of(six, 2, 4, 8)
     assert np.load(folder / "layer_003.npy").shape == (1, 6, 8, 8)
-    tile = np.asarray(grid)[:8, :8]
-    assert tile.min() == 0 and tile.max() == 255  # each channel min-max normalised on its own
+    overview = Image.open(folder / "overview.png")
+    assert overview.mode == "P" and overview.getpalette()[:6] == ub.viridis_palette()[:6]
+
+
+def test_caption_names_the_layer(tmp_path):
+    """The caption's text as drawn, compared with a caption drawn from the metadata."""
+    summary, folder = dissect(tmp_path, "single-pass")
+    layer = summary["layers"][2]  # conv2
+    expected = ["#3 conv2 (call 1)",
+                f"Conv2d 1x6x8x8 [{ub.fmt(layer['min'], '.3g')}, {ub.fmt(layer['max'], '.3g')}]"]
+    drawn = np.asarray(Image.open(folder / "layer_003.png"))
+    again = np.asarray(ub.palette_image(ub.feature_grid(np.load(folder / "layer_003.npy")[0]), expected))
+    top = 2 * ub.CAPTION_LINE_PX + 2
+    assert np.array_equal(drawn[:top], again[:top])
 
 
 def test_metadata_fields_are_complete(tmp_path):
