@@ -90,6 +90,7 @@ PNG_GRID_COLUMNS = 4
 NPY_CHANNELS = 8                 # channels kept in a layer's NPY array
 MAX_LEADING_TOKENS = 8           # class + register tokens dropped before a token grid
 OVERVIEW_TILE_PX = 64
+TOP_LAYERS = 10                  # the most expensive layers listed per model
 DISSECT_MIN_FREE_MB = 256        # dissection stops cleanly below this much free disk
 NETWORK_CHECK_TIMEOUT_SEC = 4.0
 REDUCED_CONFIG_ENV = "VISION_BENCH_REDUCED_CONFIG"  # "1": small test configs (random weights only)
@@ -759,6 +760,58 @@ class LayerRecord:
     reshaped_from_tokens: dict | None = None
     files: list[str] = field(default_factory=list)
     note: str | None = None
+    forward_ms: float | None = None  # this call's own time, from its pre- and post-hook
+
+
+class LayerTimer:
+    """Each leaf call's own forward time, from a pre-hook to its post-hook, in a forward pass of
+    its own (capture and file writing would inflate it): CUDA events on a GPU, perf_counter on
+    the CPU. Approximate: the hooks themselves add a little overhead."""
+
+    def __init__(self, leaves: list[tuple[str, torch.nn.Module]], cuda: bool):
+        self.leaves, self.cuda = leaves, cuda
+        self.times_ms: dict[tuple[str, int], float] = {}  # (module name, call) -> ms
+        self._open: dict[int, Any] = {}
+        self._pending: list[tuple[tuple[str, int], Any, Any]] = []
+
+    def _now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _pre_hook(self, module, inputs) -> None:
+        self._open[id(module)] = self._now()
+
+    def _post_hook_for(self, name: str):
+        calls = 0
+
+        def hook(module, inputs, output):
+            nonlocal calls
+            end, begin = self._now(), self._open.pop(id(module))
+            calls += 1
+            if self.cuda:
+                self._pending.append(((name, calls), begin, end))
+            else:
+                self.times_ms[(name, calls)] = (end - begin) * 1000
+
+        return hook
+
+    def run(self, forward: Callable[[], Any]) -> dict[tuple[str, int], float]:
+        handles = [m.register_forward_pre_hook(self._pre_hook) for _, m in self.leaves]
+        handles += [m.register_forward_hook(self._post_hook_for(n)) for n, m in self.leaves]
+        try:
+            with torch.inference_mode():
+                forward()
+            if self._pending:
+                torch.cuda.synchronize()  # events are read once, after the forward
+            for key, begin, end in self._pending:
+                self.times_ms[key] = begin.elapsed_time(end)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self.times_ms
 
 
 class LayerDissector:
@@ -782,6 +835,7 @@ class LayerDissector:
         self.forward_sec = 0.0
         self._pad = max(3, len(str(len(self.leaves))))
         self._writer: FileWriter | None = None
+        self._cuda = any(p.is_cuda for p in model.parameters())
 
     # -- capture --------------------------------------------------------------------
 
@@ -868,6 +922,9 @@ class LayerDissector:
             stopped = str(e)
         finally:
             self._writer.close()
+        times = LayerTimer(self.leaves, self._cuda).run(forward)
+        for record in self.records:
+            record.forward_ms = times.get((record.name, record.call))
         self._writer.raise_error()
         self.records.sort(key=lambda r: r.index)
         self._fix_padding()
@@ -944,6 +1001,9 @@ class LayerDissector:
             "seconds_file_writing": self._writer.seconds if self._writer else 0.0,
             "overview": overview,
             "modules_never_run": [n for n, _ in self.leaves if n not in ran],
+            "layers_forward_ms_total": sum(r.forward_ms or 0.0 for r in self.records),
+            "top_layers": [{"index": r.index, "name": r.name, "type": r.type, "forward_ms": r.forward_ms}
+                           for r in sorted(self.records, key=lambda r: -(r.forward_ms or 0.0))[:TOP_LAYERS]],
             "layers": [vars(r) for r in self.records],
         }
 
@@ -1830,6 +1890,7 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         "dissect_time_sec": dissection["seconds"] if dissection else None,
         "dissect_bytes_written": dissection["bytes_written"] if dissection else None,
         "dissect_files": dissection["total_files"] if dissection else None,
+        "dissect_top_layers": dissection["top_layers"] if dissection else None,
         "viz_dir": str(Path(job.viz_dir) / cls.__name__) if dissection else None,
         "num_images": len(job.images),
         "images": [Path(p).name for p in job.images],
@@ -2767,6 +2828,11 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
                f"- Metadata: [`layers_metadata.json`]({rel}/layers_metadata.json)",
                f"- Status: {r['dissect_status']}", "",
                f"![{r['class_name']} overview]({rel}/overview.png)", ""]
+        if r.get("dissect_top_layers"):
+            md += [f"The {len(r['dissect_top_layers'])} most expensive layers (own forward time from pre- and "
+                   "post-hooks; approximate, hooks add overhead):", ""] + table(
+                ["#", "Module", "Type", "Forward (ms)"],
+                [[t["index"], t["name"], t["type"], fmt(t["forward_ms"], ".2f")] for t in r["dissect_top_layers"]])
     return "\n".join(md) + "\n"
 
 

@@ -196,3 +196,30 @@ def test_dav2_backbone_tokens_become_pictures(tmp_path, bus_image, cpu):
     assert np.load(tmp_path / "dav2" / fc2["files"][1]).shape == (1, 8, h, w)
     reshaped = [l for l in summary["layers"] if l["reshaped_from_tokens"]]
     assert len(reshaped) > len(summary["layers"]) / 2
+
+
+def test_per_layer_times_are_present_and_add_up_to_about_a_forward(tmp_path, bus_image, cpu):
+    """Each call's own time (pre-hook to post-hook, in a timing pass of its own) summed over all leaf
+    calls, against a bare forward of the same model and input (median of three, measured here):
+    leaves hold most of the work, hooks add a little, the glue between leaves is not counted."""
+    import statistics
+    import time
+
+    bench = ub.YOLO11nDetectBenchmark(cpu, "random")
+    bench.load()
+    inputs = bench.preprocess(bus_image)
+    bare = []
+    with torch.inference_mode():
+        for _ in range(4):
+            start = time.perf_counter()
+            bench.forward(inputs)
+            bare.append(time.perf_counter() - start)
+    bare_ms = statistics.median(bare[1:]) * 1000
+    summary = bench.dissect_layers(bus_image, tmp_path / "yolo", verbose=False)
+    times = [l["forward_ms"] for l in summary["layers"]]
+    assert all(t is not None and t > 0 for t in times)
+    total = summary["layers_forward_ms_total"]
+    assert total == pytest.approx(sum(times))
+    assert 0.5 * bare_ms < total < 1.5 * bare_ms, (total, bare_ms)
+    top = summary["top_layers"]
+    assert len(top) == 10 and [t["forward_ms"] for t in top] == sorted(times, reverse=True)[:10]
