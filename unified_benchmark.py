@@ -814,6 +814,21 @@ class LayerTimer:
         return self.times_ms
 
 
+@dataclass
+class DissectLimits:
+    """Which outputs get files: --dissect-filter (module name or type) and --dissect-max-mb.
+    Every output gets its metadata either way."""
+
+    pattern: str | None = None
+    max_mb: float | None = None
+
+    def __post_init__(self):
+        self._regex = re.compile(self.pattern) if self.pattern else None
+
+    def matches(self, record: "LayerRecord") -> bool:
+        return self._regex is None or bool(self._regex.search(record.name) or self._regex.search(record.type))
+
+
 class LayerDissector:
     """Captures the output of every call of every leaf module of a model.
 
@@ -824,8 +839,11 @@ class LayerDissector:
 
     MODES = ("single-pass", "per-layer")
 
-    def __init__(self, model: torch.nn.Module, out_dir: Path, token_grids: list[tuple[int, int]], verbose: bool = True):
+    def __init__(self, model: torch.nn.Module, out_dir: Path, token_grids: list[tuple[int, int]], verbose: bool = True,
+                 limits: DissectLimits | None = None):
         self.leaves = leaf_modules(model)
+        self.limits = limits or DissectLimits()
+        self.pictures_stopped: dict | None = None  # where --dissect-max-mb stopped the files, and why
         self.out_dir = out_dir
         self.token_grids = token_grids
         self.verbose = verbose
@@ -864,11 +882,26 @@ class LayerDissector:
         self._statistics(record, tensor)
         fmap, reshaped = as_feature_map(tensor.detach(), self.token_grids)
         record.reshaped_from_tokens = reshaped
-        if fmap is not None and fmap.shape[1] > 0:
+        if fmap is not None and fmap.shape[1] > 0 and self._wants_files(record):
             self._picture(record, fmap)
         if self.verbose:
             log(f"Layer {index:0{self._pad}d} {name} (call {call}): {tuple(tensor.shape)}", "DISSECT")
         self.stats_sec += time.perf_counter() - start
+
+    def _wants_files(self, record: LayerRecord) -> bool:
+        if not self.limits.matches(record):
+            record.note = "no files: not matched by --dissect-filter"
+            return False
+        budget = None if self.limits.max_mb is None else self.limits.max_mb * 1024**2
+        if budget is not None and self._writer.bytes_written >= budget:  # the writer's count lags by <= 2 layers
+            if self.pictures_stopped is None:
+                self.pictures_stopped = {"index": record.index, "bytes_written": self._writer.bytes_written,
+                                         "reason": f"--dissect-max-mb {self.limits.max_mb:g} reached"}
+                log(f"Layer files stop at layer {record.index}: --dissect-max-mb {self.limits.max_mb:g} reached "
+                    f"({format_bytes(self._writer.bytes_written)} written); metadata continues", "DISSECT")
+            record.note = "no files: --dissect-max-mb budget reached"
+            return False
+        return True
 
     def _statistics(self, record: LayerRecord, tensor: torch.Tensor) -> None:
         t = tensor.detach().float()
@@ -1002,6 +1035,9 @@ class LayerDissector:
             "overview": overview,
             "modules_never_run": [n for n, _ in self.leaves if n not in ran],
             "layers_forward_ms_total": sum(r.forward_ms or 0.0 for r in self.records),
+            "filter": self.limits.pattern,
+            "max_mb": self.limits.max_mb,
+            "pictures_stopped": self.pictures_stopped,
             "top_layers": [{"index": r.index, "name": r.name, "type": r.type, "forward_ms": r.forward_ms}
                            for r in sorted(self.records, key=lambda r: -(r.forward_ms or 0.0))[:TOP_LAYERS]],
             "layers": [vars(r) for r in self.records],
@@ -1171,11 +1207,12 @@ class ModelBenchmark(ABC):
         height, width = inputs_shape[-2:]
         return [(height // s, width // s) for s in self.TOKEN_GRID_STRIDES]
 
-    def dissect_layers(self, image: Image.Image, out_dir: Path, mode: str = "single-pass", verbose: bool = True) -> dict:
+    def dissect_layers(self, image: Image.Image, out_dir: Path, mode: str = "single-pass", verbose: bool = True,
+                       limits: DissectLimits | None = None) -> dict:
         """Capture every leaf module's output on one image (see LayerDissector)."""
         inputs = self.preprocess(image)
         grids = self.token_grids(list(first_tensor(inputs)[0].shape))
-        dissector = LayerDissector(self.model, out_dir, grids, verbose)
+        dissector = LayerDissector(self.model, out_dir, grids, verbose, limits)
         try:
             return dissector.run(lambda: self.forward(inputs), mode)
         finally:
@@ -1730,6 +1767,8 @@ class WorkerJob:
     dissect: bool
     dissect_mode: str
     viz_dir: str
+    dissect_filter: str | None = None
+    dissect_max_mb: float | None = None
     random_checkpoint: str | None = None
 
     @property
@@ -1799,7 +1838,8 @@ def dissect_model(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress
     first = Path(job.images[0])
     progress.update(phase="dissection", image=first.name)
     log(f"Starting layer dissection ({job.dissect_mode}) on {first.name}...", "DISSECT")
-    summary = bench.dissect_layers(decode_image(first), out_dir, job.dissect_mode)
+    summary = bench.dissect_layers(decode_image(first), out_dir, job.dissect_mode,
+                                   limits=DissectLimits(job.dissect_filter, job.dissect_max_mb))
     meta = {"model_name": bench.MODEL_NAME, "class_name": type(bench).__name__, "image": first.name,
             "input_shape": bench.input_shape, **summary}
     atomic_write_text(out_dir / "layers_metadata.json", json.dumps(meta, indent=2))
@@ -1891,6 +1931,7 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         "dissect_bytes_written": dissection["bytes_written"] if dissection else None,
         "dissect_files": dissection["total_files"] if dissection else None,
         "dissect_top_layers": dissection["top_layers"] if dissection else None,
+        "dissect_pictures_stopped": dissection["pictures_stopped"] if dissection else None,
         "viz_dir": str(Path(job.viz_dir) / cls.__name__) if dissection else None,
         "num_images": len(job.images),
         "images": [Path(p).name for p in job.images],
@@ -2009,6 +2050,8 @@ class RunConfig:
     timestamp: str = ""
     started_at: str = ""             # ISO time: orders runs in the history
     device_request: str = "auto"     # --device as given (a Ray node resolves "auto" itself)
+    dissect_filter: str | None = None
+    dissect_max_mb: float | None = None
     executor_info: dict = field(default_factory=lambda: {"executor": "local"})
     skips: dict[str, str] = field(default_factory=dict)
 
@@ -2023,7 +2066,8 @@ class RunConfig:
     def job(self, cls: type[ModelBenchmark]) -> WorkerJob:
         return WorkerJob(class_name=cls.__name__, device=str(self.device), weights=self.weights,
                          models_dir=str(self.models_dir), images=[str(p) for p in self.images], runs=self.runs,
-                         dissect=self.dissect, dissect_mode=self.dissect_mode, viz_dir=str(self.viz_dir))
+                         dissect=self.dissect, dissect_mode=self.dissect_mode, viz_dir=str(self.viz_dir),
+                         dissect_filter=self.dissect_filter, dissect_max_mb=self.dissect_max_mb)
 
 
 def this_program(*args: str) -> list[str]:
@@ -3560,14 +3604,22 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_seconds(text: str) -> float:
+def positive_number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds, e.g. 3600") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number; give a positive number like 600") from None
     if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds, e.g. 3600")
+        raise argparse.ArgumentTypeError(f"{text} is not positive; give a positive number like 600")
     return value
+
+
+def regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a regular expression ({e})") from None
+    return text
 
 
 def device_name(text: str) -> str:
@@ -3598,6 +3650,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--dissect-mode", choices=LayerDissector.MODES, default="single-pass",
                         help="single-pass (default): one forward with hooks on every leaf; "
                              "per-layer: the spec's one forward per leaf module")
+    parser.add_argument("--dissect-filter", type=regex, metavar="REGEX",
+                        help="files only for outputs whose module name or type matches (metadata for all)")
+    parser.add_argument("--dissect-max-mb", type=positive_number, metavar="N",
+                        help="per model: stop writing layer files past N MB (metadata continues)")
+    parser.add_argument("--keep-viz", type=positive_int, metavar="N",
+                        help="after a successful run, remove the oldest viz/<timestamp>/ folders beyond the newest N")
     parser.add_argument("--keep-going", action="store_true",
                         help="record a failed model in the reports and continue (default: stop at the first "
                              "failure; the finished models are reported either way)")
@@ -3605,7 +3663,7 @@ def build_parser() -> ArgumentParser:
                         help="process (default): each model in a fresh worker process, so cold starts do not "
                              "depend on the order and a crash costs one row; none: all in this process "
                              "(for debuggers and profilers)")
-    parser.add_argument("--model-timeout", type=positive_seconds, metavar="SEC",
+    parser.add_argument("--model-timeout", type=positive_number, metavar="SEC",
                         help="stop a model's worker after SEC seconds and record it as timed_out (default: none)")
     parser.add_argument("--list", action="store_true", help="list the models and whether each is available now")
     cluster = parser.add_argument_group("many machines (Ray)")
@@ -3828,6 +3886,7 @@ def run(args: argparse.Namespace) -> int:
                             dissect=not args.no_dissect, dissect_mode=args.dissect_mode, keep_going=args.keep_going,
                             isolation=args.isolation, model_timeout_sec=args.model_timeout, work_dir=Path(work_dir),
                             timestamp=claim_timestamp(output_dir), skips=skips, device_request=args.device,
+                            dissect_filter=args.dissect_filter, dissect_max_mb=args.dissect_max_mb,
                             started_at=datetime.now().isoformat(timespec="microseconds"))
             log(f"Run {cfg.timestamp}: {len(classes)} model(s), {len(images)} image(s), {cfg.runs} run(s) per image, "
                 f"{cfg.weights} weights, device {device}, isolation {cfg.isolation}")
@@ -3850,6 +3909,8 @@ def run(args: argparse.Namespace) -> int:
             if on_ray and args.fleet != "spread":
                 paths += merged_fleet_report(payload, cfg)
             store_in_history(payload)
+            if args.keep_viz and outcome.complete and outcome.exit_code == EXIT_OK:
+                prune_viz(output_dir / "viz", args.keep_viz)
             print_changes(payload)
             print_summary(outcome, cfg, total_time_sec, paths)
             regressions = [v for v in payload.get("verdicts") or [] if v["verdict"] == "regression"]
@@ -3859,6 +3920,17 @@ def run(args: argparse.Namespace) -> int:
         return outcome.exit_code
     finally:
         lock.release()
+
+
+def prune_viz(viz_root: Path, keep: int) -> list[Path]:
+    """--keep-viz: remove the oldest viz/<YYYYMMDD_HHMMSS>/ folders beyond the newest `keep`
+    (only after a successful run; other folders are never touched)."""
+    runs = sorted(p for p in viz_root.glob("*") if p.is_dir() and re.fullmatch(r"\d{8}_\d{6}", p.name))
+    doomed = runs[:-keep] if keep < len(runs) else []
+    for folder in doomed:
+        shutil.rmtree(folder)
+        log(f"Removed {folder} (--keep-viz {keep})", "CLEANUP")
+    return doomed
 
 
 def history_path(args: argparse.Namespace, output_dir: Path) -> Path | None:

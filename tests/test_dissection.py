@@ -1,12 +1,13 @@
 """Layer dissection: every call of every leaf, numbering, pictures, both modes, hook safety."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import ub
+from conftest import load_report, run_main, ub
 
 
 class TinyNet(torch.nn.Module):
@@ -223,3 +224,61 @@ def test_per_layer_times_are_present_and_add_up_to_about_a_forward(tmp_path, bus
     assert 0.5 * bare_ms < total < 1.5 * bare_ms, (total, bare_ms)
     top = summary["top_layers"]
     assert len(top) == 10 and [t["forward_ms"] for t in top] == sorted(times, reverse=True)[:10]
+
+
+# -- selecting and bounding (real runs of the program) -------------------------------------
+
+YOLO = ["--weights", "random", "--models", "yolo11n-detect", "--runs", "1", "--no-history"]
+
+
+def dissection_of(out) -> tuple[dict, Path]:
+    row = load_report(out)["results"][0]
+    folder = Path(row["viz_dir"])
+    return json.loads((folder / "layers_metadata.json").read_text(encoding="utf-8")), folder
+
+
+def test_filter_writes_files_only_for_matching_outputs(tmp_path, one_image_dir, capsys):
+    code, text = run_main(capsys, *YOLO, "--dissect-filter", "^Conv2d$", "--images", one_image_dir,
+                          "--output-dir", tmp_path)
+    assert code == 0, text
+    meta, folder = dissection_of(tmp_path)
+    assert meta["total_outputs"] == 259 and meta["filter"] == "^Conv2d$"  # metadata for every output
+    with_files = [l for l in meta["layers"] if l["files"]]
+    assert with_files and all(l["type"] == "Conv2d" for l in with_files)
+    assert len(list(folder.glob("layer_*.png"))) == len(with_files)
+    skipped = [l for l in meta["layers"] if l["type"] == "SiLU"]
+    assert skipped and all(l["note"] == "no files: not matched by --dissect-filter" for l in skipped)
+
+
+def test_byte_budget_stops_the_files_not_the_metadata(tmp_path, one_image_dir, capsys):
+    code, text = run_main(capsys, *YOLO, "--dissect-max-mb", "4", "--images", one_image_dir, "--output-dir", tmp_path)
+    assert code == 0, text
+    meta, folder = dissection_of(tmp_path)
+    stopped = meta["pictures_stopped"]
+    assert stopped["reason"] == "--dissect-max-mb 4 reached" and 1 < stopped["index"] < 259
+    assert meta["total_outputs"] == 259
+    layer_files = [p for p in folder.glob("layer_*") if p.suffix in (".png", ".npy")]
+    largest = max(p.stat().st_size for p in layer_files)
+    written = sum(p.stat().st_size for p in layer_files)
+    assert 4 * 1024**2 <= written <= 4 * 1024**2 + 3 * 2 * largest  # at most the layers in flight past it
+    assert all(not l["files"] for l in meta["layers"] if l["index"] >= stopped["index"])
+    assert "Layer files stop at layer" in text
+
+
+def test_keep_viz_removes_the_oldest_runs_only_after_a_success(tmp_path, one_image_dir, capsys):
+    viz = tmp_path / "viz"
+    for old in ("20200101_000000", "20200102_000000", "not-a-run"):
+        (viz / old).mkdir(parents=True)
+        (viz / old / "file.txt").write_text("keep me")
+    bad = tmp_path / "models"
+    bad.mkdir()
+    (bad / "yolo11n.pt").write_text("not a checkpoint")
+    code, _ = run_main(capsys, "--models", "yolo11n-detect", "--runs", "1", "--no-history", "--keep-viz", "1",
+                       "--models-dir", bad, "--images", one_image_dir, "--output-dir", tmp_path)
+    assert code == 1  # a failed run deletes nothing
+    assert {"20200101_000000", "20200102_000000", "not-a-run"} <= {p.name for p in viz.iterdir()}
+    code, text = run_main(capsys, *YOLO, "--keep-viz", "2", "--images", one_image_dir, "--output-dir", tmp_path)
+    assert code == 0, text
+    left = sorted(p.name for p in viz.iterdir())
+    assert "20200101_000000" not in left and "20200102_000000" in left and "not-a-run" in left
+    assert len([n for n in left if n[:8].isdigit()]) == 2
