@@ -708,12 +708,14 @@ def save_feature_map_npy(tensor: torch.Tensor | np.ndarray, path: Path) -> int:
 class FileWriter:
     """Writes layer files on one background thread so encoding overlaps the forward pass.
 
-    The queue holds one job: with the job being written, at most two captured tensors
-    (clones, NOTES.md 8) are alive at once.
+    At most two captured tensors (clones, NOTES.md 8) are alive at once, the one being written
+    and the one waiting: a capture takes a slot (reserve) before it makes its clone, and the
+    writer gives the slot back only once it has dropped the clone it wrote.
     """
 
     def __init__(self):
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(2)
         self.error: BaseException | None = None
         self.bytes_written = 0
         self.seconds = 0.0
@@ -726,12 +728,18 @@ class FileWriter:
                 start = time.perf_counter()
                 try:
                     self.bytes_written += job()
-                except BaseException as e:  # reported to the forward thread on its next submit
+                except BaseException as e:  # reported to the forward thread on its next reserve
                     self.error = e
                 self.seconds += time.perf_counter() - start
+            del job  # the clone goes before its slot does
+            self._slots.release()
+
+    def reserve(self) -> None:
+        """Wait for a slot; call before making the clone that the next job will write."""
+        self.raise_error()
+        self._slots.acquire()
 
     def submit(self, job: Callable[[], int]) -> None:
-        self.raise_error()
         self._queue.put(job)
 
     def raise_error(self) -> None:
@@ -914,6 +922,7 @@ class LayerDissector:
     def _picture(self, record: LayerRecord, fmap: torch.Tensor) -> None:
         """Queue the PNG/NPY of a (B, C, H, W) map and keep its channel-mean overview tile."""
         self._check_disk(fmap[:, :PNG_CHANNELS].numel() * 5)  # raw PNG + float32 NPY: an upper bound
+        self._writer.reserve()
         clone = fmap[:, :PNG_CHANNELS].to("cpu", copy=True).contiguous()  # outlives the hook
         tile = fmap[0].float().mean(0, keepdim=True)[None]
         size = (min(OVERVIEW_TILE_PX, tile.shape[-2]), min(OVERVIEW_TILE_PX, tile.shape[-1]))
