@@ -38,6 +38,7 @@ import fcntl
 import functools
 import gc
 import hashlib
+import html
 import importlib
 import importlib.metadata
 import io
@@ -1841,6 +1842,82 @@ def timed_runs(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress) -
     return records
 
 
+LAYER_BROWSER_HTML = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+body { font: 13px sans-serif; margin: 1em; }
+#bar { position: sticky; top: 0; background: #fff; padding: .5em 0; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; } td, th { border-bottom: 1px solid #eee; padding: 3px 6px; vertical-align: top; }
+th { text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 360px; image-rendering: pixelated; }
+</style></head>
+<body>
+<div id="bar"><b>__TITLE__</b> &middot; <span id="count"></span>
+ &middot; filter (module or type): <input id="filter" size="30">
+ &middot; sort: <select id="sort"><option value="index">execution order</option>
+ <option value="time">forward time</option></select></div>
+<table><thead><tr><th>#</th><th>picture</th><th>module</th><th>type</th><th>call</th><th>shape</th>
+<th>min</th><th>max</th><th>mean</th><th>std</th><th>zeros</th><th>forward ms</th></tr></thead>
+<tbody id="rows"></tbody></table>
+<script type="application/json" id="layers">__LAYERS__</script>
+<script>
+"use strict";
+const errors = [];
+window.addEventListener("error", e => { errors.push(String(e.message)); document.body.dataset.jsErrors = errors.join("; "); });
+const layers = JSON.parse(document.getElementById("layers").textContent);
+const fmt = v => v === null || v === undefined ? "n/a" : (typeof v === "number" ? Number(v.toPrecision(4)).toString() : String(v));
+function cell(row, text, cls) { const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; row.appendChild(td); }
+function render() {
+  const query = document.getElementById("filter").value.toLowerCase();
+  const byTime = document.getElementById("sort").value === "time";
+  const shown = layers.filter(l => !query || l.name.toLowerCase().includes(query) || l.type.toLowerCase().includes(query));
+  if (byTime) shown.sort((a, b) => (b.forward_ms || 0) - (a.forward_ms || 0));
+  const body = document.getElementById("rows");
+  body.replaceChildren();
+  for (const l of shown) {
+    const row = document.createElement("tr");
+    row.className = "layer";
+    cell(row, l.index, "num");
+    const pic = document.createElement("td");
+    const png = (l.files || []).find(f => f.endsWith(".png"));
+    if (png) { const img = document.createElement("img"); img.src = png; img.loading = "eager"; img.alt = l.name; pic.appendChild(img); }
+    else { pic.textContent = l.note || "-"; }
+    row.appendChild(pic);
+    cell(row, l.name); cell(row, l.type); cell(row, l.call, "num");
+    cell(row, (l.shape || []).join("x"));
+    for (const key of ["min", "max", "mean", "std", "sparsity", "forward_ms"]) cell(row, fmt(l[key]), "num");
+    body.appendChild(row);
+  }
+  document.getElementById("count").textContent = shown.length + " of " + layers.length + " outputs";
+  document.body.dataset.shown = String(shown.length);
+}
+const start = new URLSearchParams(location.hash.slice(1));
+document.getElementById("filter").value = start.get("filter") || "";
+document.getElementById("sort").value = start.get("sort") || "index";
+document.getElementById("filter").addEventListener("input", render);
+document.getElementById("sort").addEventListener("change", render);
+render();
+window.addEventListener("load", () => {
+  const imgs = Array.from(document.images);
+  document.body.dataset.images = String(imgs.length);
+  document.body.dataset.imagesLoaded = String(imgs.filter(i => i.complete && i.naturalWidth > 0).length);
+});
+</script></body></html>
+"""
+
+
+def write_layer_browser(out_dir: Path, meta: dict) -> str:
+    """viz/<ts>/<ClassName>/index.html: every output with its picture, statistics and time, in
+    one static page (no server, no network, no library), filterable by module or type."""
+    keys = ("index", "name", "type", "call", "shape", "min", "max", "mean", "std", "sparsity", "forward_ms",
+            "files", "note")
+    layers = json.dumps([{k: layer.get(k) for k in keys} for layer in meta["layers"]]).replace("</", "<\\/")
+    title = html.escape(f"{meta['model_name']} ({meta['class_name']}): {meta['total_outputs']} layer outputs "
+                        f"on {meta['image']}")
+    atomic_write_text(out_dir / "index.html", LAYER_BROWSER_HTML.replace("__TITLE__", title).replace("__LAYERS__", layers))
+    return "index.html"
+
+
 def dissect_model(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress) -> dict:
     """Dissect on the first image and write layers_metadata.json; returns the summary."""
     out_dir = Path(job.viz_dir) / type(bench).__name__
@@ -1852,6 +1929,7 @@ def dissect_model(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress
     meta = {"model_name": bench.MODEL_NAME, "class_name": type(bench).__name__, "image": first.name,
             "input_shape": bench.input_shape, **summary}
     atomic_write_text(out_dir / "layers_metadata.json", json.dumps(meta, indent=2))
+    summary["browser"] = write_layer_browser(out_dir, meta)
     if summary["stopped"]:
         log(f"Dissection stopped after {summary['total_outputs']} layer outputs: {summary['stopped']}. "
             f"The model's latency and memory figures are kept", "WARNING")
@@ -2879,6 +2957,8 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
                f"- Folder: [`{rel.removeprefix('../')}/`]({rel}/) ({r['total_layers_dissected']} layer "
                f"outputs, {format_bytes(r['dissect_bytes_written'])}, {r['dissect_time_sec']:.2f}s, {r['dissect_mode']})",
                f"- Metadata: [`layers_metadata.json`]({rel}/layers_metadata.json)",
+               f"- Layer browser: [`index.html`]({rel}/index.html) (every output with its picture, statistics "
+               "and time; filter by module or type, sort by time)",
                f"- Status: {r['dissect_status']}", "",
                f"![{r['class_name']} overview]({rel}/overview.png)", ""]
         if r.get("dissect_top_layers"):

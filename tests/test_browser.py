@@ -1,0 +1,67 @@
+"""The layer browser (viz/<ts>/<ClassName>/index.html) in a real headless browser."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+from conftest import BUS, load_report, ub
+
+BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+BROWSER = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium here: apt-get install chromium-headless-shell "
+                                                        "(.ci/run installs it, so CI runs these tests)")
+
+
+def chromium(*args: str) -> str:
+    proc = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                           *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def body_data(dom: str) -> dict[str, str]:
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body))
+
+
+@pytest.fixture(scope="module")
+def dissected(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    images = root / "images"
+    images.mkdir()
+    shutil.copy(BUS, images / "bus.jpg")
+    code = ub.main(["--weights", "random", "--models", "yolo11n-detect", "--runs", "1", "--no-history",
+                    "--images", str(images), "--output-dir", str(root)])
+    assert code == 0
+    row = load_report(root)["results"][0]
+    return root, row
+
+
+def test_the_page_loads_without_errors_and_shows_every_picture(dissected, tmp_path):
+    root, row = dissected
+    page = root / "viz" / row["viz_dir"].split("/viz/")[1] / "index.html"
+    assert page.is_file()
+    data = body_data(chromium("--dump-dom", page.as_uri()))
+    assert "js-errors" not in data, data
+    assert data["shown"] == str(row["total_layers_dissected"]) == "259"
+    pictured = len(list(page.parent.glob("layer_*.png")))
+    assert data["images"] == data["images-loaded"] == str(pictured)
+    shot = tmp_path / "browser.png"  # kept out of the repository
+    chromium("--window-size=1300,900", f"--screenshot={shot}", page.as_uri())
+    with Image.open(shot) as img:
+        assert img.format == "PNG" and img.size == (1300, 900)
+    report = next((root / "results").glob("benchmark_report_*.md")).read_text(encoding="utf-8")
+    assert "YOLO11nDetectBenchmark/index.html)" in report
+
+
+def test_the_page_filters_by_module_or_type(dissected):
+    root, row = dissected
+    folder = root / "viz" / row["viz_dir"].split("/viz/")[1]
+    layers = json.loads((folder / "layers_metadata.json").read_text(encoding="utf-8"))["layers"]
+    for query in ("conv2d", "model.23"):
+        expected = sum(query in l["name"].lower() or query in l["type"].lower() for l in layers)
+        data = body_data(chromium("--dump-dom", (folder / "index.html").as_uri() + f"#filter={query}"))
+        assert 0 < int(data["shown"]) == expected < 259, (query, data)
