@@ -1,6 +1,7 @@
 """Benchmark script (prints figures; not a test): single-pass vs per-layer dissection.
 
     python tests/perf/dissect_speed.py [--models yolo11n-detect,dav2-small]
+    python tests/perf/dissect_speed.py --models depthpro     # full size, single-pass only (minutes)
 
 For each model, random weights on the CPU, one real photo: both modes write the same
 files into temporary folders; prints seconds (forward / statistics / file writing), the
@@ -22,7 +23,8 @@ sys.path.insert(0, str(REPO))
 
 import unified_benchmark as ub  # noqa: E402
 
-TARGETS = {"yolo11n-detect": 12.0, "dav2-small": 50.0}  # issue 3: minimum speed-up
+TARGETS = {"yolo11n-detect": 25.0, "dav2-small": 120.0}  # minimum speed-ups asked for
+SINGLE_PASS_ONLY = {"depthpro"}  # 956 leaf modules: the per-layer way would take hours on a CPU
 
 
 def largest_tensor_mb(layers: list[dict]) -> float:
@@ -46,6 +48,15 @@ def measure(short_name: str, image) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         single = {}
         dissect_peak = peak_rss_mb(lambda: single.update(bench.dissect_layers(image, Path(tmp) / "s", verbose=False)))
+        if short_name in SINGLE_PASS_ONLY:
+            print(f"== {cls.__name__} (full size, single-pass only: per-layer would take one forward per leaf): "
+                  f"{single['total_leaf_modules']} leaf modules, {single['total_outputs']} outputs, "
+                  f"{single['total_files']} files, {single['bytes_written'] / 1024**2:.0f} MB, {single['seconds']:.1f} s "
+                  f"(forward {single['seconds_forward']:.1f}, statistics {single['seconds_statistics']:.1f}, "
+                  f"file writing {single['seconds_file_writing']:.1f}); peak RSS {dissect_peak:.0f} MB "
+                  f"(plain inference {infer_peak:.0f} MB)")
+            bench.cleanup()
+            return
         per_layer = bench.dissect_layers(image, Path(tmp) / "p", "per-layer", verbose=False)
         same = sorted(p.name for p in (Path(tmp) / "s").iterdir()) == sorted(p.name for p in (Path(tmp) / "p").iterdir())
     print(f"== {cls.__name__}: {single['total_leaf_modules']} leaf modules, {single['total_outputs']} outputs, "
