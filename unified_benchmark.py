@@ -3224,6 +3224,17 @@ def plot_merged(payloads: list[dict], labels: list[str], path: Path) -> bool:
         return False
 
 
+def write_merged_report(payloads: list[dict], labels: list[str], results_dir: Path, stamp: str) -> list[Path]:
+    """The cross-machine report (Markdown, CSV, chart) of --merge and of --fleet every-node."""
+    plot = Path(f"plots_{stamp}") / "merged_latency.png"
+    plots = [plot.as_posix()] if plot_merged(payloads, labels, results_dir / plot) else []
+    md, table_csv = merged_text(payloads, labels, plots)
+    paths = [results_dir / f"merged_report_{stamp}.md", results_dir / f"merged_summary_{stamp}.csv"]
+    for path, text in zip(paths, (md, table_csv)):
+        atomic_write_text(path, text)
+    return paths
+
+
 def generate_reports(payload: dict, cfg: RunConfig, trends: dict[str, list[dict]]) -> list[Path]:
     """The plots, then the JSON, CSV and Markdown reports (each written atomically)."""
     plots_dir = cfg.results_dir / f"plots_{cfg.timestamp}"
@@ -3498,6 +3509,10 @@ class RayFleet:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
         return options
 
+    def probe_options(self, node: dict) -> dict:
+        """A small check pinned to a node: it takes no GPU and no benchmark slot."""
+        return {**self.task_options(node), "resources": {}, "num_gpus": 0}
+
     def plan(self, nodes: list[dict]) -> list[tuple[type[ModelBenchmark], dict | None]]:
         """(model, node) pairs: spread lets Ray place each model; the other modes pin every model
         to every node, or to one node per GPU type."""
@@ -3521,7 +3536,7 @@ class RayFleet:
         request = json.dumps({"models": ",".join(c.__name__ for c in self.cfg.models), "weights": self.cfg.weights,
                               "models_dir": str(self.cfg.models_dir)})
         task = ray.remote(ray_preflight_task)
-        answers = ray.get([task.options(**{**self.task_options(n), "resources": {}, "num_gpus": 0})
+        answers = ray.get([task.options(**self.probe_options(n))
                            .remote(script_ref, request) for n in nodes])
         problems = []
         for node, answer in zip(nodes, answers):
@@ -3549,7 +3564,7 @@ class RayFleet:
         probe.write_text("probe")
         try:
             check = ray.remote(ray_path_exists)
-            seen = ray.get([check.options(**{**self.task_options(n), "resources": {}, "num_gpus": 0}).remote(str(probe))
+            seen = ray.get([check.options(**self.probe_options(n)).remote(str(probe))
                             for n in nodes])
         finally:
             probe.unlink(missing_ok=True)
@@ -3662,14 +3677,7 @@ def merged_fleet_report(payload: dict, cfg: RunConfig) -> list[Path]:
             by_node.setdefault(row["node_label"], []).append(row)
     payloads = [{"run_id": payload["run_id"], "environment": rows[0]["node"]["environment"], "results": rows}
                 for rows in by_node.values()]
-    labels = list(by_node)
-    plot = Path(f"plots_{cfg.timestamp}") / "merged_latency.png"
-    plots = [plot.as_posix()] if plot_merged(payloads, labels, cfg.results_dir / plot) else []
-    md, table_csv = merged_text(payloads, labels, plots)
-    paths = [cfg.results_dir / f"merged_report_{cfg.timestamp}.md", cfg.results_dir / f"merged_summary_{cfg.timestamp}.csv"]
-    for path, text in zip(paths, (md, table_csv)):
-        atomic_write_text(path, text)
-    return paths
+    return write_merged_report(payloads, list(by_node), cfg.results_dir, cfg.timestamp)
 
 
 # --------------------------------------------------------------------------------------
@@ -4103,13 +4111,7 @@ def run_tool(args: argparse.Namespace) -> int:
         log(f"Comparison written to {path}")
         return EXIT_OK
     payloads = [payload_from_report(Path(f)) for f in args.merge]
-    labels = [run_label(p) for p in payloads]
-    results = output_dir / "results"
-    plot = Path(f"plots_{stamp}") / "merged_latency.png"
-    plots = [plot.as_posix()] if plot_merged(payloads, labels, results / plot) else []
-    md, table_csv = merged_text(payloads, labels, plots)
-    for path, text in ((results / f"merged_report_{stamp}.md", md), (results / f"merged_summary_{stamp}.csv", table_csv)):
-        atomic_write_text(path, text)
+    for path in write_merged_report(payloads, [run_label(p) for p in payloads], output_dir / "results", stamp):
         log(f"Merged report written to {path}")
     return EXIT_OK
 
