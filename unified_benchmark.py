@@ -73,7 +73,7 @@ import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 # --------------------------------------------------------------------------------------
 # Constants and logging
@@ -92,6 +92,8 @@ PNG_GRID_COLUMNS = 4
 NPY_CHANNELS = 8                 # channels kept in a layer's NPY array
 MAX_LEADING_TOKENS = 8           # class + register tokens dropped before a token grid
 OVERVIEW_TILE_PX = 64
+VARIANCE_CANCELLATION = 1e-2    # var/mean^2 below this: the sum-of-squares variance is recomputed exactly
+WRITER_BUDGET_BYTES = 4 * 1024**2   # layer clones waiting for or in the file writers (or one larger clone)
 TOP_LAYERS = 10                  # the most expensive layers listed per model
 DISSECT_MIN_FREE_MB = 256        # dissection stops cleanly below this much free disk
 NETWORK_CHECK_TIMEOUT_SEC = 4.0
@@ -641,6 +643,9 @@ PNG_GAP_PX = 1
 PNG_MIN_WIDTH_PX = 256           # small maps are enlarged (nearest neighbour) up to this width ...
 PNG_MAX_SCALE = 8                # ... by at most this factor
 CAPTION_LINE_PX = 11
+# Stored (level 0) deflate: encoding is the file writers' main cost, and level 0 is about 3x faster
+# than run-length deflate (which is 1.8x faster than level 1); a dissection's files grow 10-30%.
+PNG_SAVE_OPTIONS = {"compress_level": 0}
 
 
 @functools.lru_cache(maxsize=1)
@@ -660,13 +665,22 @@ def feature_grid(chw: np.ndarray, columns: int = PNG_GRID_COLUMNS, gap: int = PN
     rows = math.ceil(count / cols)
     height, width = chw.shape[1:]
     grid = np.full((rows * (height + gap) - gap, cols * (width + gap) - gap), GAP_INDEX, dtype=np.uint8)
+    flat = chw[:count].reshape(count, -1)
+    lows, highs = flat.min(1).astype(np.float64), flat.max(1).astype(np.float64)  # one pass each, all channels
     for i in range(count):  # one channel at a time keeps temporaries small
-        ch = np.nan_to_num(chw[i].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = float(ch.min()), float(ch.max())
-        scaled = (ch - lo) * ((GAP_INDEX - 1) / (hi - lo)) if hi > lo else np.zeros_like(ch)
+        ch, lo, hi = chw[i], lows[i], highs[i]
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # rare: NaN/inf, so pay for a cleaned copy
+            ch = np.nan_to_num(ch.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+            lo, hi = float(ch.min()), float(ch.max())
         r, c = divmod(i, cols)
         y, x = r * (height + gap), c * (width + gap)
-        grid[y:y + height, x:x + width] = (scaled + 0.5).astype(np.uint8)
+        if hi > lo:
+            scaled = ch.astype(np.float32) - np.float32(lo)  # float32 even for half-precision captures
+            scaled *= np.float32((GAP_INDEX - 1) / (hi - lo))
+            scaled += np.float32(0.5)
+            grid[y:y + height, x:x + width] = scaled  # truncation after +0.5 rounds
+        else:
+            grid[y:y + height, x:x + width] = 0
     return grid
 
 
@@ -674,6 +688,12 @@ def fit_text(text: str, width_px: int, char_px: int = 6) -> str:
     """Text cut from the left ('...tail') to fit width_px in Pillow's default font."""
     room = max(4, width_px // char_px)
     return text if len(text) <= room else "..." + text[-(room - 3):]
+
+
+@functools.lru_cache(maxsize=1)
+def caption_font() -> ImageFont.ImageFont:
+    """Pillow's built-in bitmap font (6x11 px): about 20x faster to draw than its FreeType default."""
+    return ImageFont.load_default_imagefont()
 
 
 def palette_image(indices: np.ndarray, caption: list[str]) -> Image.Image:
@@ -686,7 +706,7 @@ def palette_image(indices: np.ndarray, caption: list[str]) -> Image.Image:
     img.paste(Image.fromarray(body, "P"), (0, top))
     draw = ImageDraw.Draw(img)
     for i, line in enumerate(caption):
-        draw.text((2, 1 + i * CAPTION_LINE_PX), fit_text(line, body.shape[1] - 4), fill=0)
+        draw.text((2, 1 + i * CAPTION_LINE_PX), fit_text(line, body.shape[1] - 4), fill=0, font=caption_font())
     return img
 
 
@@ -694,8 +714,7 @@ def save_feature_map_png(tensor: torch.Tensor | np.ndarray, path: Path, caption:
     """Save the first 16 channels of batch item 0 as a captioned viridis PNG grid; returns bytes written."""
     if isinstance(tensor, torch.Tensor):
         tensor = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
-    # Run-length deflate: on YOLO11n's largest maps about 1.8x faster than zlib level 1, files ~4% larger.
-    palette_image(feature_grid(tensor[0]), caption or []).save(path, compress_level=1, compress_type=zlib.Z_RLE)
+    palette_image(feature_grid(tensor[0]), caption or []).save(path, **PNG_SAVE_OPTIONS)
     return path.stat().st_size
 
 
@@ -707,50 +726,80 @@ def save_feature_map_npy(tensor: torch.Tensor | np.ndarray, path: Path) -> int:
     return path.stat().st_size
 
 
-class FileWriter:
-    """Writes layer files on one background thread so encoding overlaps the forward pass.
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; cgroup-pinned cron jobs included)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    At most two captured tensors (clones, NOTES.md 8) are alive at once, the one being written
-    and the one waiting: a capture takes a slot (reserve) before it makes its clone, and the
-    writer gives the slot back only once it has dropped the clone it wrote.
+
+def lower_thread_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux nice is per thread), so it uses
+    cores the forward pass leaves idle instead of slowing the forward down."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
+class FileWriter:
+    """Writes layer files on a pool of background threads, one per usable CPU but the forward
+    thread's, at the lowest CPU priority, so encoding fills the cores the forward leaves idle.
+
+    Memory stays bounded: the clones waiting or being written total at most
+    WRITER_BUDGET_BYTES, or a single clone when one alone is larger. A capture reserves its
+    bytes before it makes its clone; a writer gives them back once it has dropped the clone.
     """
 
-    def __init__(self):
+    def __init__(self, threads: int | None = None, budget_bytes: int = WRITER_BUDGET_BYTES):
         self._queue: queue.Queue = queue.Queue()
-        self._slots = threading.Semaphore(2)
+        self._room = threading.Condition()
+        self._budget, self._in_flight = budget_bytes, 0
+        self._lock = threading.Lock()
         self.error: BaseException | None = None
         self.bytes_written = 0
-        self.seconds = 0.0
-        self._thread = threading.Thread(target=self._work, name="vision-bench-writer", daemon=True)
-        self._thread.start()
+        self.seconds = 0.0  # CPU time, summed over the writer threads
+        self._threads = [threading.Thread(target=self._work, name=f"vision-bench-writer-{i}", daemon=True)
+                         for i in range(threads or max(1, usable_cpus() - 1))]
+        for thread in self._threads:
+            thread.start()
 
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if self.error is None:
-                start = time.perf_counter()
-                try:
-                    self.bytes_written += job()
-                except BaseException as e:  # reported to the forward thread on its next reserve
-                    self.error = e
-                self.seconds += time.perf_counter() - start
-            del job  # the clone goes before its slot does
-            self._slots.release()
+        lower_thread_priority()
+        while (item := self._queue.get()) is not None:
+            self._run(*item)
 
-    def reserve(self) -> None:
-        """Wait for a slot; call before making the clone that the next job will write."""
+    def _run(self, job: Callable[[], int], nbytes: int) -> None:
+        start = time.thread_time()  # CPU time: a low-priority thread's wall time includes waiting
+        try:
+            written = job() if self.error is None else 0
+        except BaseException as e:  # reported to the forward thread on its next reserve
+            written, self.error = 0, e
+        with self._lock:
+            self.bytes_written += written
+            self.seconds += time.thread_time() - start
+        del job  # the clone goes before its bytes are given back
+        with self._room:
+            self._in_flight -= nbytes
+            self._room.notify_all()
+
+    def reserve(self, nbytes: int) -> None:
+        """Wait until nbytes more fit the budget; call before making the clone the job will write."""
         self.raise_error()
-        self._slots.acquire()
+        with self._room:
+            self._room.wait_for(lambda: self._in_flight == 0 or self._in_flight + nbytes <= self._budget)
+            self._in_flight += nbytes
 
-    def submit(self, job: Callable[[], int]) -> None:
-        self._queue.put(job)
+    def submit(self, job: Callable[[], int], nbytes: int) -> None:
+        self._queue.put((job, nbytes))
 
     def raise_error(self) -> None:
         if self.error is not None:
             raise OutputError(f"writing layer files failed: {self.error}") from self.error
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 @dataclass
@@ -773,13 +822,35 @@ class LayerRecord:
     forward_ms: float | None = None  # this call's own time, from its pre- and post-hook
 
 
-class LayerTimer:
-    """Each leaf call's own forward time, from a pre-hook to its post-hook, in a forward pass of
-    its own (capture and file writing would inflate it): CUDA events on a GPU, perf_counter on
-    the CPU. Approximate: the hooks themselves add a little overhead."""
+def tensor_statistics(tensor: torch.Tensor) -> tuple[float | None, ...]:
+    """min, max, mean, std (unbiased) and the fraction of zeros, in four fast passes.
 
-    def __init__(self, leaves: list[tuple[str, torch.nn.Module]], cuda: bool):
-        self.leaves, self.cuda = leaves, cuda
+    The variance comes from the sum and the sum of squares (torch's std is about 5x slower on
+    the CPU); where that formula would lose digits (std tiny against the mean) torch's exact
+    std is used instead. Non-finite results are None.
+    """
+    t = tensor.detach()
+    t = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    n = t.numel()
+    lo, hi = torch.aminmax(t)
+    zeros = 1.0 - torch.count_nonzero(t) / n
+    lo, hi, total, norm, zeros = torch.stack([lo, hi, t.sum(), torch.linalg.vector_norm(t), zeros.to(t.dtype)]).tolist()
+    mean = total / n
+    var = (norm * norm - total * mean) / (n - 1) if n > 1 else 0.0
+    if n > 1 and math.isfinite(var) and var < VARIANCE_CANCELLATION * mean * mean:  # digits cancel
+        var = t.var().item()
+    std = math.sqrt(max(var, 0.0)) if math.isfinite(var) else float("nan")
+    return tuple(finite_or_none(v) for v in (lo, hi, mean, std, zeros))
+
+
+class LayerTimer:
+    """Each leaf call's own forward time, from its pre-hook to its post-hook: CUDA events on a
+    GPU (read once, after the forward), perf_counter on the CPU. Approximate: the hooks add a
+    little, and file writers on other threads may take some of the cores (they run at the
+    lowest priority so they mostly use idle ones)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
         self.times_ms: dict[tuple[str, int], float] = {}  # (module name, call) -> ms
         self._open: dict[int, Any] = {}
         self._pending: list[tuple[tuple[str, int], Any, Any]] = []
@@ -791,36 +862,23 @@ class LayerTimer:
         event.record()
         return event
 
-    def _pre_hook(self, module, inputs) -> None:
+    def pre_hook(self, module, inputs) -> None:
         self._open[id(module)] = self._now()
 
-    def _post_hook_for(self, name: str):
-        calls = 0
+    def stop(self, module: torch.nn.Module, key: tuple[str, int]) -> None:
+        """End the call of module that began at its pre-hook; call first thing in the post-hook."""
+        end, begin = self._now(), self._open.pop(id(module))
+        if self.cuda:
+            self._pending.append((key, begin, end))
+        else:
+            self.times_ms[key] = (end - begin) * 1000
 
-        def hook(module, inputs, output):
-            nonlocal calls
-            end, begin = self._now(), self._open.pop(id(module))
-            calls += 1
-            if self.cuda:
-                self._pending.append(((name, calls), begin, end))
-            else:
-                self.times_ms[(name, calls)] = (end - begin) * 1000
-
-        return hook
-
-    def run(self, forward: Callable[[], Any]) -> dict[tuple[str, int], float]:
-        handles = [m.register_forward_pre_hook(self._pre_hook) for _, m in self.leaves]
-        handles += [m.register_forward_hook(self._post_hook_for(n)) for n, m in self.leaves]
-        try:
-            with torch.inference_mode():
-                forward()
-            if self._pending:
-                torch.cuda.synchronize()  # events are read once, after the forward
-            for key, begin, end in self._pending:
-                self.times_ms[key] = begin.elapsed_time(end)
-        finally:
-            for handle in handles:
-                handle.remove()
+    def finish(self) -> dict[tuple[str, int], float]:
+        if self._pending:
+            torch.cuda.synchronize()
+        for key, begin, end in self._pending:
+            self.times_ms[key] = begin.elapsed_time(end)
+        self._pending.clear()
         return self.times_ms
 
 
@@ -863,7 +921,7 @@ class LayerDissector:
         self.forward_sec = 0.0
         self._pad = max(3, len(str(len(self.leaves))))
         self._writer: FileWriter | None = None
-        self._cuda = any(p.is_cuda for p in model.parameters())
+        self._timer = LayerTimer(any(p.is_cuda for p in model.parameters()))
 
     # -- capture --------------------------------------------------------------------
 
@@ -873,6 +931,7 @@ class LayerDissector:
         def hook(module, inputs, output):
             nonlocal calls
             calls += 1
+            self._timer.stop(module, (name, calls))  # before the capture's own work
             self._capture(index_of(name, calls), name, module, calls, output)
 
         return hook
@@ -903,7 +962,7 @@ class LayerDissector:
             record.note = "no files: not matched by --dissect-filter"
             return False
         budget = None if self.limits.max_mb is None else self.limits.max_mb * 1024**2
-        if budget is not None and self._writer.bytes_written >= budget:  # the writer's count lags by <= 2 layers
+        if budget is not None and self._writer.bytes_written >= budget:  # lags by the clones in flight
             if self.pictures_stopped is None:
                 self.pictures_stopped = {"index": record.index, "bytes_written": self._writer.bytes_written,
                                          "reason": f"--dissect-max-mb {self.limits.max_mb:g} reached"}
@@ -914,18 +973,15 @@ class LayerDissector:
         return True
 
     def _statistics(self, record: LayerRecord, tensor: torch.Tensor) -> None:
-        t = tensor.detach().float()
-        lo, hi = torch.aminmax(t)
-        std = t.std() if t.numel() > 1 else torch.zeros((), device=t.device)
-        zeros = 1.0 - torch.count_nonzero(t) / t.numel()
-        values = torch.stack([lo, hi, t.mean(), std, zeros.to(t.dtype)]).tolist()  # one device sync
-        record.min, record.max, record.mean, record.std, record.sparsity = (finite_or_none(v) for v in values)
+        record.min, record.max, record.mean, record.std, record.sparsity = tensor_statistics(tensor)
 
     def _picture(self, record: LayerRecord, fmap: torch.Tensor) -> None:
         """Queue the PNG/NPY of a (B, C, H, W) map and keep its channel-mean overview tile."""
-        self._check_disk(fmap[:, :PNG_CHANNELS].numel() * 5)  # raw PNG + float32 NPY: an upper bound
-        self._writer.reserve()
-        clone = fmap[:, :PNG_CHANNELS].to("cpu", copy=True).contiguous()  # outlives the hook
+        part = fmap[:, :PNG_CHANNELS]
+        self._check_disk(part.numel() * 5)  # raw PNG + float32 NPY: an upper bound
+        nbytes = part.numel() * part.element_size()
+        self._writer.reserve(nbytes)
+        clone = part.to("cpu", copy=True).contiguous()  # outlives the hook
         tile = fmap[0].float().mean(0, keepdim=True)[None]
         size = (min(OVERVIEW_TILE_PX, tile.shape[-2]), min(OVERVIEW_TILE_PX, tile.shape[-1]))
         self.tiles[record.index] = F.adaptive_avg_pool2d(tile, size)[0, 0].cpu().numpy()
@@ -934,7 +990,7 @@ class LayerDissector:
         png, npy = self.out_dir / record.files[0], self.out_dir / record.files[1]
         caption = [f"#{record.index} {record.name} (call {record.call})",
                    f"{record.type} {'x'.join(map(str, record.shape))} [{fmt(record.min, '.3g')}, {fmt(record.max, '.3g')}]"]
-        self._writer.submit(lambda: save_feature_map_png(clone, png, caption) + save_feature_map_npy(clone, npy))
+        self._writer.submit(lambda: save_feature_map_png(clone, png, caption) + save_feature_map_npy(clone, npy), nbytes)
 
     def _check_disk(self, need_bytes: int) -> None:
         free = shutil.disk_usage(self.out_dir).free
@@ -966,7 +1022,7 @@ class LayerDissector:
             stopped = str(e)
         finally:
             self._writer.close()
-        times = LayerTimer(self.leaves, self._cuda).run(forward)
+        times = self._timer.finish()
         for record in self.records:
             record.forward_ms = times.get((record.name, record.call))
         self._writer.raise_error()
@@ -979,7 +1035,8 @@ class LayerDissector:
         return len(self.records) + 1
 
     def _run_hooked(self, forward: Callable[[], Any], modules, index_of) -> None:
-        handles = [m.register_forward_hook(self._hook_for(n, index_of)) for n, m in modules]
+        handles = [m.register_forward_pre_hook(self._timer.pre_hook) for _, m in modules]
+        handles += [m.register_forward_hook(self._hook_for(n, index_of)) for n, m in modules]
         try:
             start = time.perf_counter()
             with torch.inference_mode():
@@ -1025,8 +1082,8 @@ class LayerDissector:
             r, c = divmod(pos, cols)
             x, y = c * cell + 2, r * (cell + label)
             sheet.paste(Image.fromarray(feature_grid(tile[None]), "P"), (x, y + label))
-            draw.text((x, y), str(index), fill=0)
-            draw.text((x, y + CAPTION_LINE_PX), fit_text(names[index], cell - 2), fill=0)
+            draw.text((x, y), str(index), fill=0, font=caption_font())
+            draw.text((x, y + CAPTION_LINE_PX), fit_text(names[index], cell - 2), fill=0, font=caption_font())
         sheet.save(self.out_dir / "overview.png", compress_level=1)
         return "overview.png"
 

@@ -200,9 +200,10 @@ def test_dav2_backbone_tokens_become_pictures(tmp_path, bus_image, cpu):
 
 
 def test_per_layer_times_are_present_and_add_up_to_about_a_forward(tmp_path, bus_image, cpu):
-    """Each call's own time (pre-hook to post-hook, in a timing pass of its own) summed over all leaf
-    calls, against a bare forward of the same model and input (median of three, measured here):
-    leaves hold most of the work, hooks add a little, the glue between leaves is not counted."""
+    """Each call's own time (pre-hook to post-hook, in the capture pass while low-priority writers
+    encode files) summed over all leaf calls, against a bare forward of the same model and input
+    (median of three, measured here): leaves hold most of the work, hooks and writers add a
+    little, the glue between leaves is not counted."""
     import statistics
     import time
 
@@ -282,3 +283,45 @@ def test_keep_viz_removes_the_oldest_runs_only_after_a_success(tmp_path, one_ima
     left = sorted(p.name for p in viz.iterdir())
     assert "20200101_000000" not in left and "20200102_000000" in left and "not-a-run" in left
     assert len([n for n in left if n[:8].isdigit()]) == 2
+
+
+def test_tensor_statistics_match_torch_exact_ones():
+    """The fast sum-of-squares variance against torch's exact std, on seeded tensors that
+    include a large mean against a small spread (where the fast formula would cancel)."""
+    torch.manual_seed(0)
+    cases = [torch.randn(4, 64, 32, 32), torch.relu(torch.randn(1, 16, 80, 80)), torch.randn(10000) * 0.01 + 100,
+             torch.randn(3000) + 30, torch.full((50,), 3.0), torch.randn(2, 8, 20, 20).bfloat16(), torch.tensor([2.5])]
+    for t in cases:
+        f = t.float()
+        want = [f.min().item(), f.max().item(), f.mean().item(), f.std().item() if f.numel() > 1 else 0.0,
+                (f == 0).float().mean().item()]
+        assert ub.tensor_statistics(t) == pytest.approx(want, rel=1e-4, abs=1e-6), t.shape
+    nan = ub.tensor_statistics(torch.tensor([0.0, float("nan"), 1.0]))
+    assert nan[:4] == (None, None, None, None) and nan[4] == pytest.approx(1 / 3)
+
+
+def test_file_writer_keeps_clones_in_flight_within_its_budget():
+    """Jobs of mixed sizes through a pool of three threads: the bytes reserved and not yet
+    given back never pass max(budget, the one largest job), and every job runs."""
+    import threading
+    import time
+
+    writer = ub.FileWriter(threads=3, budget_bytes=100)
+    seen, lock, done = [], threading.Lock(), []
+
+    def job(size):
+        def run():
+            with lock:
+                seen.append(writer._in_flight)
+            time.sleep(0.01)
+            done.append(size)
+            return size
+        return run
+
+    sizes = [60, 30, 10, 150, 40, 40, 40, 5, 99, 1] * 3
+    for size in sizes:
+        writer.reserve(size)
+        writer.submit(job(size), size)
+    writer.close()
+    assert sorted(done) == sorted(sizes) and writer.bytes_written == sum(sizes)
+    assert max(seen) <= 150 and max(s for s in seen) > 60  # jobs did overlap, within the bound

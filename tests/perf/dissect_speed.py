@@ -63,7 +63,7 @@ def measure(short_name: str, image) -> None:
           f"{single['total_files']} files, {single['bytes_written'] / 1024**2:.0f} MB, same file names: {same}")
     for name, s in (("single-pass", single), ("per-layer", per_layer)):
         print(f"  {name:<12} {s['seconds']:8.2f} s  (forward {s['seconds_forward']:.2f}, statistics "
-              f"{s['seconds_statistics']:.2f}, file writing {s['seconds_file_writing']:.2f} on the writer thread)")
+              f"{s['seconds_statistics']:.2f}, file writing {s['seconds_file_writing']:.2f} CPU s on the writer threads)")
     ratio = per_layer["seconds"] / single["seconds"]
     target = TARGETS.get(short_name)
     print(f"  speed-up     {ratio:8.1f} x" + (f"  (target >= {target:.0f}x: {'met' if ratio >= target else 'NOT met'})"
