@@ -17,6 +17,7 @@ Sections, in dependency order:
     Constants and logging     exit codes, log(), the errors a user can act on
     Utilities                 images, files, versions
     Timing and memory         clocks, peaks, runtime init, module-call counter, host activity
+    Deployment and compute    --dtype/--compile/--fuse/--threads, FLOPs, MFU, NVML energy
     Statistics                pure functions: latency statistics, noise verdicts
     Layer dissection          hooks on every leaf, pictures and arrays
     The base class            ModelBenchmark: everything the models share
@@ -64,7 +65,7 @@ import uuid
 import zlib
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -504,6 +505,214 @@ class HostActivity:
 
 
 # --------------------------------------------------------------------------------------
+# Deployment options and compute: precision, compile, fusion, threads; FLOPs, MFU, energy
+# --------------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+# Dense peak TFLOP/s per precision, from the vendors' data sheets (no sparsity). Matched on the
+# CUDA device name, most specific first. "tf32" is fp32 matmuls on tensor cores.
+PEAK_TFLOPS: list[tuple[tuple[str, ...], dict[str, float]]] = [
+    (("H200",), {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
+    (("H100", "PCIe"), {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}),
+    (("H100",), {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
+    (("A100",), {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
+    (("L40S",), {"fp32": 91.6, "tf32": 183.0, "bf16": 362.0, "fp16": 362.0}),
+    (("L4",), {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0}),
+]
+ENERGY_WINDOW_SEC = 2.0          # NVML energy: warm runs for at least this long, and an idle window as long
+
+
+@dataclass
+class RunOptions:
+    """How the models are deployed (--dtype, --channels-last, --compile, --fuse, --threads)."""
+
+    dtype: str = "fp32"
+    channels_last: bool = False
+    compile: str | None = None   # a torch.compile mode, or None for eager
+    fuse: bool = False
+    threads: int | None = None   # CPU intra-op threads; None: the CPUs this process may use
+
+    def key(self) -> dict:
+        """The options that differ from the defaults (threads when given): part of the history's
+        configuration key, so runs from before these options existed stay comparable."""
+        return {k: v for k, v in asdict(self).items() if v != getattr(RunOptions, k)}
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo has compiled in this process: more after the first call means recompilations."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def autocast_context(device: torch.device, dtype: str):
+    """Autocast for the forward in fp16/bf16; nothing for fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def to_float32(value: Any) -> Any:
+    """Half-precision tensors in a model's outputs back to float32, for postprocessing."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    if isinstance(value, dict):  # transformers' ModelOutput is an OrderedDict: set its fields in place
+        for key in list(value.keys()):
+            value[key] = to_float32(value[key])
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_float32(v) for v in value) if not hasattr(value, "_fields") else value
+    return value
+
+
+def to_channels_last(value: Any) -> Any:
+    """4-D tensors among a model's inputs in channels-last memory format."""
+    if isinstance(value, torch.Tensor):
+        return value.contiguous(memory_format=torch.channels_last) if value.dim() == 4 else value
+    if isinstance(value, dict):
+        return {k: to_channels_last(v) for k, v in value.items()}
+    return value
+
+
+def sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """FLOPs of CPU flash attention, as torch counts its CUDA sibling: two batched matmuls."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@functools.lru_cache(maxsize=1)
+def register_flop_formulas() -> None:
+    """torch's FLOP counter has no formula for the CPU flash-attention kernel: give it one."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        with contextlib.suppress(RuntimeError):  # already registered by a newer torch
+            register_flop_formula(op, get_raw=True)(
+                lambda query, key, value, *a, out_val=None, **k: sdpa_cpu_flops(query.shape, key.shape, value.shape))
+
+
+def count_flops(forward: Callable[[], Any], leaves: list[tuple[str, torch.nn.Module]]) -> tuple[int, dict[tuple[str, int], int]]:
+    """FLOPs of one forward (FlopCounterMode, under no_grad: it counts nothing under
+    inference_mode), in total and per leaf call (the counter read at each call's pre- and post-hook)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    register_flop_formulas()
+    counter = FlopCounterMode(display=False)
+    per_call: dict[tuple[str, int], int] = {}
+    started: dict[int, int] = {}
+    calls: collections.Counter = collections.Counter()
+
+    def pre(module, inputs):
+        started[id(module)] = counter.get_total_flops()
+
+    def post_for(name):
+        def post(module, inputs, output):
+            calls[name] += 1
+            per_call[(name, calls[name])] = counter.get_total_flops() - started.pop(id(module))
+        return post
+
+    handles = [m.register_forward_pre_hook(pre) for _, m in leaves]
+    handles += [m.register_forward_hook(post_for(n)) for n, m in leaves]
+    try:
+        with torch.no_grad(), counter:
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counter.get_total_flops(), per_call
+
+
+def precision_key(device: torch.device, dtype: str) -> str:
+    """Which peak applies: fp32 matmuls run as tf32 on CUDA when torch allows it."""
+    if dtype == "fp32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return dtype
+
+
+def peak_tflops(device_name: str | None, precision: str) -> float | None:
+    """The device's dense peak for a precision from PEAK_TFLOPS; None for the CPU and unknown devices."""
+    for words, peaks in PEAK_TFLOPS:
+        if device_name and all(w.lower() in device_name.lower() for w in words):
+            return peaks.get(precision)
+    return None
+
+
+def compute_figures(flops: int | None, warm_median_sec: float | None, device: torch.device, dtype: str) -> dict:
+    """GFLOPs per forward, achieved TFLOP/s at the warm median, and MFU against the peak."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    precision = precision_key(device, dtype)
+    peak = peak_tflops(name, precision)
+    achieved = flops / warm_median_sec / 1e12 if flops and warm_median_sec else None
+    return {"gflops": flops / 1e9 if flops is not None else None, "achieved_tflops": achieved,
+            "peak_tflops": peak, "peak_precision": precision if peak else None,
+            "mfu": achieved / peak if achieved is not None and peak else None}
+
+
+class GpuMonitor:
+    """NVIDIA GPU facts through NVML (nvidia-ml-py, optional): energy counter, SM clock,
+    throttle reasons, other processes. Every reading is None when NVML is not there."""
+
+    def __init__(self, device: torch.device):
+        self.handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception:  # not installed, no driver library, or no permission: "n/a"
+            self.handle = None
+
+    def _read(self, fn: str, *args) -> Any:
+        if self.handle is None:
+            return None
+        try:
+            return getattr(self.nvml, fn)(self.handle, *args)
+        except Exception:
+            return None
+
+    def energy_mj(self) -> int | None:
+        return self._read("nvmlDeviceGetTotalEnergyConsumption")
+
+    def state(self) -> dict:
+        """SM clock, throttle reasons (bit mask) and the other processes on the GPU."""
+        clocks = self._read("nvmlDeviceGetClockInfo", 1)  # NVML_CLOCK_SM
+        reasons = self._read("nvmlDeviceGetCurrentClocksEventReasons") or self._read("nvmlDeviceGetCurrentClocksThrottleReasons")
+        procs = self._read("nvmlDeviceGetComputeRunningProcesses")
+        others = None if procs is None else sorted({p.pid for p in procs if p.pid != os.getpid()})
+        return {"sm_clock_mhz": clocks, "throttle_reasons": reasons, "other_gpu_pids": others}
+
+    def power_limit_w(self) -> float | None:
+        limit = self._read("nvmlDeviceGetEnforcedPowerLimit")
+        return limit / 1000 if limit is not None else None
+
+
+def energy_per_inference(monitor: GpuMonitor, run_once: Callable[[], None], device: torch.device) -> dict:
+    """Energy of warm runs over a window of at least ENERGY_WINDOW_SEC, minus an idle window of the
+    same length: J per inference and mean W. Apart from the latency runs; None without NVML."""
+    empty = {"energy_j_per_inference": None, "power_mean_w": None, "power_idle_w": None, "energy_runs": None}
+    if monitor.energy_mj() is None:
+        return empty
+    sync(device)
+    e0, t0, runs = monitor.energy_mj(), time.perf_counter(), 0
+    while time.perf_counter() - t0 < ENERGY_WINDOW_SEC or runs == 0:
+        run_once()
+        runs += 1
+    sync(device)
+    busy_sec, busy_j = time.perf_counter() - t0, (monitor.energy_mj() - e0) / 1000
+    e1 = monitor.energy_mj()
+    time.sleep(busy_sec)
+    idle_j = (monitor.energy_mj() - e1) / 1000
+    return {"energy_j_per_inference": max(busy_j - idle_j, 0.0) / runs, "power_mean_w": busy_j / busy_sec,
+            "power_idle_w": idle_j / busy_sec, "energy_runs": runs}
+
+
+# --------------------------------------------------------------------------------------
 # Statistics (pure functions: no model, no device)
 # --------------------------------------------------------------------------------------
 
@@ -511,6 +720,10 @@ PERCENTILE_MIN_SAMPLES = {50: 1, 90: 10, 99: 100}  # below these a percentile is
 NOISE_MAX_IQR_REL = 0.10         # warm IQR / median above this: the figures are noisy
 NOISE_MAX_OTHER_CORES = 0.5      # other processes using more than half a core: noisy
 NOISE_MIN_IQR_SAMPLES = 4        # fewer warm samples give no meaningful IQR
+
+
+def median_or_none(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
 
 
 def percentile_or_none(values: list[float], q: int) -> float | None:
@@ -1171,8 +1384,10 @@ class ModelBenchmark(ABC):
     RANDOM_BUILD_RUNS_FORWARD = False
 
     def __init__(self, device: torch.device, weights: str = "pretrained", models_dir: Path | None = None,
-                 random_checkpoint: Path | None = None):
+                 random_checkpoint: Path | None = None, options: RunOptions | None = None):
         self.device = device
+        self.options = options or RunOptions()
+        self._compiled: Callable[[Any], Any] | None = None
         self.weights = weights
         self.models_dir = Path(models_dir) if models_dir else SCRIPT_DIR / "models"
         self.random_checkpoint = random_checkpoint
@@ -1212,6 +1427,10 @@ class ModelBenchmark(ABC):
         """Outputs -> task result at the image's size (timed separately)."""
         return outputs
 
+    def fuse(self) -> str | None:
+        """--fuse: fuse Conv+BN as the library's own inference does; returns a note when it does not apply."""
+        return f"--fuse: {type(self).__name__} has no Conv+BN pairs to fuse (runs as loaded)"
+
     # -- shared ---------------------------------------------------------------------
 
     @property
@@ -1236,9 +1455,42 @@ class ModelBenchmark(ABC):
             model = self._load_checkpoint(self.random_checkpoint)
         else:
             model = self._build_random()
-        self.model = model.to(self.device).eval()
+        # Inference only; FLOP counting's module tracker also trips over outputs that need grad.
+        self.model = model.to(self.device).eval().requires_grad_(False)
         if self.reduced:
             self.notes.append(f"reduced configuration ({REDUCED_CONFIG_ENV}=1): not the full-size architecture")
+        if self.options.fuse and (note := self.fuse()):
+            self.notes.append(note)
+        if self.options.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def prepare(self, image: Image.Image) -> Any:
+        """preprocess(), then the inputs in channels-last format when asked."""
+        inputs = self.preprocess(image)
+        return to_channels_last(inputs) if self.options.channels_last else inputs
+
+    def run_forward(self, inputs: Any, eager: bool = False) -> Any:
+        """The forward as deployed: autocast to --dtype, the compiled forward after compile()
+        (eager=True: the plain module, for hooks: dissection and FLOP counting)."""
+        with autocast_context(self.device, self.options.dtype):
+            return (self._compiled if self._compiled and not eager else self.forward)(inputs)
+
+    def compile(self, image: Image.Image) -> dict:
+        """--compile: torch.compile the forward and make its first call (not a latency sample)."""
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        self._compiled = torch.compile(self.forward, mode=None if self.options.compile == "default" else self.options.compile)
+        inputs = self.prepare(image)
+        start = clock(self.device)
+        with torch.inference_mode():
+            self.run_forward(inputs)
+        compile_sec = clock(self.device) - start
+        self._graphs_after_compile = compiled_graph_count()
+        return {"compile_sec": compile_sec, "compiled_graphs": self._graphs_after_compile}
+
+    def recompilations(self) -> int | None:
+        return compiled_graph_count() - self._graphs_after_compile if self._compiled else None
 
     def write_random_checkpoint(self, path: Path) -> None:
         """Save the seeded random architecture where _load_checkpoint() reads it."""
@@ -1249,14 +1501,19 @@ class ModelBenchmark(ABC):
 
     def infer(self, image: Image.Image) -> dict:
         """One timed run: preprocess, forward, postprocess, each timed with CUDA sync."""
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.device.type == "cuda" else None
         with PeakMemory(self.device) as peak:
             t0 = clock(self.device)
-            inputs = self.preprocess(image)
+            inputs = self.prepare(image)
             t1 = clock(self.device)
             with torch.inference_mode():
-                outputs = self.forward(inputs)
+                if events:
+                    events[0].record()
+                outputs = self.run_forward(inputs)
+                if events:
+                    events[1].record()
                 t2 = clock(self.device)
-                self.postprocess(outputs, image)
+                self.postprocess(to_float32(outputs), image)
             t3 = clock(self.device)
             shape = list(first_tensor(inputs)[0].shape)  # outside the timed spans
             del inputs, outputs
@@ -1265,6 +1522,7 @@ class ModelBenchmark(ABC):
             "input_shape": shape,
             "preprocess_sec": t1 - t0,
             "inference_sec": t2 - t1,
+            "inference_event_sec": events[0].elapsed_time(events[1]) / 1000 if events else None,
             "postprocess_sec": t3 - t2,
             "peak_rss_mb": peak.rss_peak_mb,
             "peak_cuda_allocated_mb": peak.cuda_peak_mb,
@@ -1277,20 +1535,30 @@ class ModelBenchmark(ABC):
 
     def dissect_layers(self, image: Image.Image, out_dir: Path, mode: str = "single-pass", verbose: bool = True,
                        limits: DissectLimits | None = None) -> dict:
-        """Capture every leaf module's output on one image (see LayerDissector)."""
-        inputs = self.preprocess(image)
+        """Capture every leaf module's output on one image (see LayerDissector); eager, autocast to --dtype."""
+        inputs = self.prepare(image)
         grids = self.token_grids(list(first_tensor(inputs)[0].shape))
         dissector = LayerDissector(self.model, out_dir, grids, verbose, limits)
         try:
-            return dissector.run(lambda: self.forward(inputs), mode)
+            return dissector.run(lambda: self.run_forward(inputs, eager=True), mode)
         finally:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    def count_flops(self, image: Image.Image) -> tuple[int, dict[tuple[str, int], int]]:
+        """FLOPs of one eager forward on image, in total and per leaf call."""
+        inputs = self.prepare(image)
+        return count_flops(lambda: self.run_forward(inputs, eager=True), leaf_modules(self.model))
+
     def cleanup(self) -> None:
-        """Free the model and processor, empty the CUDA cache, give heap pages back."""
+        """Free the model and processor (and compiled graphs), empty the CUDA cache, give heap pages back."""
         self.model = None
         self.processor = None
+        if self._compiled is not None:
+            import torch._dynamo
+
+            self._compiled = None
+            torch._dynamo.reset()
         release_host_memory()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -1670,6 +1938,10 @@ class YOLO11Benchmark(UltralyticsBenchmark):
 
         return getattr(tasks, self.MODEL_TASK_CLASS)(self.MODEL_YAML, nc=self.NUM_CLASSES, verbose=False)
 
+    def fuse(self) -> str | None:
+        self.model = self.model.fuse(verbose=False)  # what Ultralytics' predict() runs
+        return None
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         boxed = self._letterbox(image, center=True)
         tensor = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1))).to(self.device)
@@ -1760,6 +2032,17 @@ class MobileSAMBenchmark(UltralyticsBenchmark):
 
         return build_mobile_sam()
 
+    def fuse(self) -> str | None:
+        """Ultralytics' Conv+BN fusion on the TinyViT encoder's Conv2d_BN pairs (the rest has no BN)."""
+        from ultralytics.models.sam.modules.tiny_encoder import Conv2d_BN
+        from ultralytics.utils.torch_utils import fuse_conv_and_bn
+
+        pairs = [m for m in self.model.modules() if isinstance(m, Conv2d_BN)]
+        for pair in pairs:
+            pair.c = fuse_conv_and_bn(pair.c, pair.bn)
+            del pair.bn  # a Sequential runs what is left: the fused conv
+        return f"--fuse: {len(pairs)} Conv+BN pairs of the image encoder fused"
+
     def preprocess(self, image: Image.Image) -> dict:
         boxed = torch.from_numpy(self._letterbox(image, center=False)).to(self.device).permute(2, 0, 1).float()
         pixels = (boxed - self.model.pixel_mean) / self.model.pixel_std
@@ -1838,6 +2121,7 @@ class WorkerJob:
     dissect_filter: str | None = None
     dissect_max_mb: float | None = None
     random_checkpoint: str | None = None
+    options: dict = field(default_factory=dict)  # RunOptions as a dict
 
     @property
     def model_class(self) -> type[ModelBenchmark]:
@@ -1976,14 +2260,17 @@ def write_layer_browser(out_dir: Path, meta: dict) -> str:
     return "index.html"
 
 
-def dissect_model(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress) -> dict:
-    """Dissect on the first image and write layers_metadata.json; returns the summary."""
+def dissect_model(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress,
+                  flops_per_call: dict[tuple[str, int], int] | None = None) -> dict:
+    """Dissect on the first image and write layers_metadata.json (with each call's FLOPs); returns the summary."""
     out_dir = Path(job.viz_dir) / type(bench).__name__
     first = Path(job.images[0])
     progress.update(phase="dissection", image=first.name)
     log(f"Starting layer dissection ({job.dissect_mode}) on {first.name}...", "DISSECT")
     summary = bench.dissect_layers(decode_image(first), out_dir, job.dissect_mode,
                                    limits=DissectLimits(job.dissect_filter, job.dissect_max_mb))
+    for layer in summary["layers"]:
+        layer["flops"] = (flops_per_call or {}).get((layer["name"], layer["call"]))
     meta = {"model_name": bench.MODEL_NAME, "class_name": type(bench).__name__, "image": first.name,
             "input_shape": bench.input_shape, **summary}
     atomic_write_text(out_dir / "layers_metadata.json", json.dumps(meta, indent=2))
@@ -1996,6 +2283,36 @@ def dissect_model(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress
     return summary
 
 
+def options_fields(options: RunOptions) -> dict:
+    """The options as run, for the row: threads as set, interop threads and the CPU affinity."""
+    return {"dtype": options.dtype, "channels_last": options.channels_last, "compile_mode": options.compile,
+            "fuse": options.fuse, "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "cpu_affinity": usable_cpus(), "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
+def model_compute(bench: ModelBenchmark, image: Image.Image, stats: dict, gpu: GpuMonitor, progress: ModelProgress) -> dict:
+    """FLOPs (a separate eager pass), achieved TFLOP/s and MFU; on NVIDIA GPUs the energy window."""
+    progress.update(phase="flops", image=None)
+    flops, per_call = bench.count_flops(image)
+    figures = compute_figures(flops, stats["warm_median_sec"], bench.device, bench.options.dtype)
+    log(f"FLOPs per forward: {figures['gflops']:.2f} G; achieved {fmt(figures['achieved_tflops'], '.3f')} TFLOP/s; "
+        f"MFU {fmt(figures['mfu'], '.1%') if figures['mfu'] is not None else 'n/a'}", "STATS")
+    energy = {}
+    if gpu.energy_mj() is not None:
+        progress.update(phase="energy", image=None)
+        inputs = bench.prepare(image)
+
+        def run_once():
+            with torch.inference_mode():
+                bench.run_forward(inputs)
+
+        energy = energy_per_inference(gpu, run_once, bench.device)
+        log(f"Energy: {energy['energy_j_per_inference']:.3f} J per inference, {energy['power_mean_w']:.0f} W mean "
+            f"({energy['energy_runs']} runs; idle {energy['power_idle_w']:.0f} W)", "STATS")
+    return {**figures, **(energy or {"energy_j_per_inference": None, "power_mean_w": None, "power_idle_w": None}),
+            "power_limit_w": gpu.power_limit_w(), "flops_per_call": per_call}
+
+
 def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
     """One model, phases in order: imports, runtime init, download, load (local files only),
     then the cold run and the rest, dissection, cleanup. Returns its result row.
@@ -2005,7 +2322,10 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
     """
     cls, device = job.model_class, torch.device(job.device)
     label = memory_label(device)
-    bench = cls(device, job.weights, Path(job.models_dir), job.random_checkpoint and Path(job.random_checkpoint))
+    options = RunOptions(**job.options)
+    torch.set_num_threads(options.threads or usable_cpus())
+    bench = cls(device, job.weights, Path(job.models_dir), job.random_checkpoint and Path(job.random_checkpoint), options)
+    gpu = GpuMonitor(device)
     try:
         with ModuleCallCounter() as calls:
             import_sec, _ = timed_phase(progress, "import", device, bench.import_library)
@@ -2022,10 +2342,21 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         log(f"Model loaded successfully in {load_time_sec:.2f}s from {bench.weight_source}", "LOAD")
         log(f"{label} after load: {headline_mb(after_load, device):.0f} MB "
             f"(delta: +{headline_mb(after_load, device) - headline_mb(before, device):.0f} MB)", "MEMORY")
+        first_image = decode_image(Path(job.images[0]))
+        compiled = {}
+        if options.compile:
+            compiled = timed_phase(progress, "compile", device, lambda: bench.compile(first_image))[1]
+            log(f"torch.compile ({options.compile}): first call {compiled['compile_sec']:.2f}s, "
+                f"{compiled['compiled_graphs']} graph(s); not a latency sample", "COMPILE")
+        gpu_before = gpu.state()
         with HostActivity() as host:
             runs = timed_runs(bench, job, progress)
+        gpu_after = gpu.state()
         stats = latency_stats(runs)
         noise = noise_reasons(stats["warm_iqr_rel"], host.other_cpu_cores)
+        if gpu_before["other_gpu_pids"] or gpu_after["other_gpu_pids"]:
+            noise.append(f"other processes on the GPU: {sorted(set(gpu_before['other_gpu_pids'] or []) | set(gpu_after['other_gpu_pids'] or []))}")
+        compute = model_compute(bench, first_image, stats, gpu, progress)
         log(f"Inference: avg={stats['avg_inference_sec']:.3f}s std={stats['std_inference_sec']:.3f}s "
             f"min={stats['min_inference_sec']:.3f}s max={stats['max_inference_sec']:.3f}s "
             f"cold={stats['cold_inference_sec']:.3f}s warm median={fmt(stats['warm_median_sec'], '.3f')}"
@@ -2034,8 +2365,10 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         log(f"FPS: avg={stats['fps_avg']:.3f} std={fmt(stats['fps_std'])}", "STATS")
         if noise:
             log(f"{cls.__name__} figures are noisy: {'; '.join(noise)}. Run again on a quiet machine", "WARNING")
-        dissection = dissect_model(bench, job, progress) if job.dissect else None
+        flops_per_call = compute.pop("flops_per_call")
+        dissection = dissect_model(bench, job, progress, flops_per_call) if job.dissect else None
         info = bench.get_info()
+        bench_recompilations = bench.recompilations()
         progress.update(phase="cleanup", image=None)  # on failure the phase stays where it failed
     finally:
         log("Clearing model and GPU cache...", "CLEANUP")
@@ -2051,8 +2384,16 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         "downloaded": downloaded,
         "load_time_sec": load_time_sec,
         "module_calls_before_cold_run": calls.count,
+        **options_fields(options),
+        "compile_sec": compiled.get("compile_sec"),
+        "recompilations": bench_recompilations,
         "inference_times_sec": [r["inference_sec"] for r in runs],
         **stats,
+        "warm_median_event_sec": median_or_none([r["inference_event_sec"] for r in runs
+                                                 if r["run"] > 1 and r["inference_event_sec"] is not None]),
+        **compute,
+        "gpu_state_before": gpu_before,
+        "gpu_state_after": gpu_after,
         "noisy": bool(noise),
         "noise_reasons": noise,
         "other_cpu_cores": host.other_cpu_cores,
@@ -2199,6 +2540,7 @@ class RunConfig:
     dissect_max_mb: float | None = None
     executor_info: dict = field(default_factory=lambda: {"executor": "local"})
     skips: dict[str, str] = field(default_factory=dict)
+    options: RunOptions = field(default_factory=RunOptions)
 
     @property
     def results_dir(self) -> Path:
@@ -2212,7 +2554,8 @@ class RunConfig:
         return WorkerJob(class_name=cls.__name__, device=str(self.device), weights=self.weights,
                          models_dir=str(self.models_dir), images=[str(p) for p in self.images], runs=self.runs,
                          dissect=self.dissect, dissect_mode=self.dissect_mode, viz_dir=str(self.viz_dir),
-                         dissect_filter=self.dissect_filter, dissect_max_mb=self.dissect_max_mb)
+                         dissect_filter=self.dissect_filter, dissect_max_mb=self.dissect_max_mb,
+                         options=asdict(self.options))
 
 
 def this_program(*args: str) -> list[str]:
@@ -2810,6 +3153,9 @@ EXTRA_CSV_COLUMNS = [
     "mem_after_cleanup_mb", "mem_not_returned_mb", "rss_peak_mb", "cuda_peak_allocated_mb", "leaf_modules",
     "input_size", "input_shape", "images", "weights", "weights_source", "dissect_mode", "dissect_status", "dissect_time_sec",
     "dissect_bytes_written", "failed_phase", "failed_image", "worker_signal", "error",
+    "dtype", "channels_last", "compile_mode", "fuse", "threads", "interop_threads", "cpu_affinity", "compile_sec",
+    "recompilations", "gflops", "achieved_tflops", "peak_tflops", "mfu", "energy_j_per_inference", "power_mean_w",
+    "warm_median_event_sec",
 ]
 
 
@@ -2864,7 +3210,8 @@ def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float) -
         "dissect_mode": cfg.dissect_mode if cfg.dissect else None,
         "isolation": cfg.isolation,
         "model_timeout_sec": cfg.model_timeout_sec,
-        "options": {},
+        "options": cfg.options.key(),
+        "options_as_run": asdict(cfg.options),
         **cfg.executor_info,
         "environment": env,
         "results": outcome.results,
@@ -2907,6 +3254,27 @@ def shape_text(shape: list[int] | None) -> str:
     return "x".join(map(str, shape or [])) or "n/a"
 
 
+def na(value: Any, spec: str = ".3f") -> str:
+    """A figure, or n/a where it cannot be had (never 0)."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def compute_markdown(ok: list[dict]) -> list[str]:
+    """Options as run and compute figures per model."""
+    return ["## Deployment and Compute", "",
+            "FLOPs: one eager forward counted by torch's FlopCounterMode (matmuls, convolutions, attention; "
+            "element-wise ops are not counted). Achieved TFLOP/s = FLOPs / warm median. MFU against the "
+            "device's dense peak for the precision in use; n/a on the CPU and unknown devices. Energy: NVIDIA "
+            "GPUs with nvidia-ml-py only.", ""] + table(
+        ["Model", "dtype", "Channels-last", "Compile", "Fuse", "Threads", "Compile (s)", "Recompilations", "GFLOPs",
+         "TFLOP/s", "MFU", "J/inference", "Mean W", "Warm median by CUDA events (s)"],
+        [[row_name(r), r.get("dtype"), r.get("channels_last"), r.get("compile_mode") or "eager", r.get("fuse"),
+          r.get("threads"), na(r.get("compile_sec"), ".2f"), na(r.get("recompilations"), "d"),
+          na(r.get("gflops"), ".2f"), na(r.get("achieved_tflops"), ".3f"), na(r.get("mfu"), ".2%"),
+          na(r.get("energy_j_per_inference"), ".4f"), na(r.get("power_mean_w"), ".0f"),
+          na(r.get("warm_median_event_sec"))] for r in ok])
+
+
 def markdown_text(payload: dict, cfg: RunConfig) -> str:
     env, results = payload["environment"], payload["results"]
     ok = [r for r in results if r["status"] == "ok"]
@@ -2931,6 +3299,7 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
            f"- Isolation: **{cfg.isolation}**" + (" (each model in a fresh worker process)" if cfg.isolation == "process"
                                                   else " (all models in one process: cold starts depend on the order)"),
            f"- Model timeout: {timeout}",
+           f"- Deployment options: {options_text(cfg.options)} (threads as run: see below)",
            f"- Total Execution Time: {payload['total_execution_time_sec']:.2f}s",
            "- Timing: the forward pass alone, perf_counter with CUDA synchronisation; preprocessing and "
            "postprocessing are timed separately below.",
@@ -2956,6 +3325,7 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
         [[row_name(r), fmt(r["cold_inference_sec"]), noisy_mark(r, fmt(r["warm_median_sec"])),
           fmt(r["warm_p90_sec"]), fmt(r["warm_p99_sec"]), r["warm_samples"], fmt(r["warm_iqr_rel"], ".1%"),
           fmt(r["preprocess_avg_sec"]), fmt(r["postprocess_avg_sec"]), shape_text(r["input_shape"])] for r in ok])
+    md += compute_markdown(ok)
     varied = [r for r in ok if len({shape_text(i["input_shape"]) for i in r["per_image"]}) > 1]
     if varied:
         md += ["## Per-Image Latency", "", "Models whose input shape differs between images: each image's first "
@@ -3821,6 +4191,17 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--model-timeout", type=positive_number, metavar="SEC",
                         help="stop a model's worker after SEC seconds and record it as timed_out (default: none)")
     parser.add_argument("--list", action="store_true", help="list the models and whether each is available now")
+    deploy = parser.add_argument_group("deployment options (recorded in every report and in the history's key)")
+    deploy.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                        help="autocast the forward: fp32 (default), fp16 (CUDA only), bf16 (CUDA and CPU)")
+    deploy.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last memory format")
+    deploy.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                        help="torch.compile the forward (MODE: default, reduce-overhead, max-autotune); its first "
+                             "call is compile_sec, not a latency sample")
+    deploy.add_argument("--fuse", action="store_true",
+                        help="fuse Conv+BN as Ultralytics' predict() does (YOLO, MobileSAM's encoder; no-op elsewhere)")
+    deploy.add_argument("--threads", type=positive_int, metavar="N",
+                        help="CPU intra-op threads (default: the CPUs this process may use)")
     cluster = parser.add_argument_group("many machines (Ray)")
     cluster.add_argument("--executor", choices=EXECUTORS, default="local",
                          help="local (default): this machine; ray: a Ray cluster, one model per GPU or per node")
@@ -4018,6 +4399,19 @@ def plain_output():
         sys.stdout, sys.stderr = stdout, stderr
 
 
+def run_options(args: argparse.Namespace, device: torch.device) -> RunOptions:
+    """The deployment options, checked against the device."""
+    if args.dtype == "fp16" and device.type != "cuda":
+        raise UsageError(f"--dtype fp16 autocasts on CUDA only, and the device is {device}: use --dtype bf16 "
+                         f"on the CPU, or --device cuda")
+    return RunOptions(dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
+                      threads=args.threads)
+
+
+def options_text(options: RunOptions) -> str:
+    return ", ".join(f"{k}={v}" for k, v in asdict(options).items())
+
+
 def run(args: argparse.Namespace) -> int:
     classes = resolve_models(args.models)
     if args.list:
@@ -4028,6 +4422,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--isolation none runs the models in this process; on a Ray cluster every model runs in "
                          "a worker on its node: leave out --isolation or --executor ray")
     device = torch.device("cpu") if on_ray and args.device == "auto" else resolve_device(args.device, check=not on_ray)
+    options = run_options(args, device)
     images, image_source = discover_images(args.images)
     skips = {} if on_ray else preflight(classes, args, device)  # on Ray, each node checks itself
     output_dir = args.output_dir.resolve()
@@ -4042,9 +4437,9 @@ def run(args: argparse.Namespace) -> int:
                             isolation=args.isolation, model_timeout_sec=args.model_timeout, work_dir=Path(work_dir),
                             timestamp=claim_timestamp(output_dir), skips=skips, device_request=args.device,
                             dissect_filter=args.dissect_filter, dissect_max_mb=args.dissect_max_mb,
-                            started_at=datetime.now().isoformat(timespec="microseconds"))
+                            started_at=datetime.now().isoformat(timespec="microseconds"), options=options)
             log(f"Run {cfg.timestamp}: {len(classes)} model(s), {len(images)} image(s), {cfg.runs} run(s) per image, "
-                f"{cfg.weights} weights, device {device}, isolation {cfg.isolation}")
+                f"{cfg.weights} weights, device {device}, isolation {cfg.isolation}, options {options_text(options)}")
             start = time.perf_counter()
             with termination_signals():
                 if on_ray:
