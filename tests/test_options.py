@@ -1,0 +1,148 @@
+"""Deployment options (--dtype, --channels-last, --compile, --fuse, --threads) run as a user runs
+them and are recorded; FLOPs are counted exactly; MFU and energy say n/a where they cannot be had."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unified_benchmark as ub
+from conftest import load_report, run_main
+
+YOLO = ["--weights", "random", "--models", "yolo11n-detect", "--runs", "3", "--no-history"]
+
+
+def csv_row(out: Path) -> dict:
+    (path,) = (out / "results").glob("benchmark_summary_*.csv")
+    with path.open(encoding="utf-8") as f:
+        return next(csv.DictReader(f))
+
+
+def markdown(out: Path) -> str:
+    (path,) = (out / "results").glob("benchmark_report_*.md")
+    return path.read_text(encoding="utf-8")
+
+
+def test_bf16_channels_last_fuse_threads_on_yolo_recorded_everywhere(tmp_path, one_image_dir, capsys):
+    """One real run with four options: the row, CSV, Markdown and history key carry them; the model
+    runs fused (fewer parameters and leaves, counted as run); dissection captures bfloat16 outputs
+    and gives each layer call its FLOPs."""
+    code, out = run_main(capsys, *YOLO, "--images", one_image_dir, "--output-dir", tmp_path,
+                         "--dtype", "bf16", "--channels-last", "--fuse", "--threads", "1")
+    assert code == 0, out
+    payload = load_report(tmp_path)
+    row = payload["results"][0]
+    assert payload["options"] == {"dtype": "bf16", "channels_last": True, "fuse": True, "threads": 1}
+    assert (row["dtype"], row["channels_last"], row["fuse"], row["threads"], row["compile_mode"]) == \
+        ("bf16", True, True, 1, None)
+    assert row["cpu_affinity"] >= 1 and row["interop_threads"] >= 1
+    unfused = ub.YOLO11nDetectBenchmark(torch.device("cpu"), "random")
+    unfused.load()
+    assert row["total_params"] < sum(p.numel() for p in unfused.model.parameters())
+    assert row["leaf_modules"] < len(ub.leaf_modules(unfused.model))  # BatchNorms folded away
+    assert row["gflops"] == pytest.approx(6.54, rel=0.01)  # fusion and bf16 leave the conv FLOPs as they are
+    assert row["achieved_tflops"] == pytest.approx(row["gflops"] / 1e3 / row["warm_median_sec"])
+    assert row["mfu"] is None and row["energy_j_per_inference"] is None  # CPU: n/a, never 0
+    cells = csv_row(tmp_path)
+    assert (cells["dtype"], cells["channels_last"], cells["fuse"], cells["threads"], cells["mfu"]) == \
+        ("bf16", "True", "True", "1", "")
+    md = markdown(tmp_path)
+    assert "## Deployment and Compute" in md and "| YOLO11n-Detect | bf16 | True | eager | True | 1 |" in md
+    assert "dtype=bf16, channels_last=True, compile=None, fuse=True, threads=1" in md
+    meta = json.loads((Path(row["viz_dir"]) / "layers_metadata.json").read_text(encoding="utf-8"))
+    convs = [l for l in meta["layers"] if l["type"] == "Conv2d"]
+    assert convs and all(l["dtype"] == "bfloat16" and l["flops"] > 0 and l["files"] for l in convs)
+    assert sum(l["flops"] for l in meta["layers"]) <= row["gflops"] * 1e9
+    key = ub.model_config(payload, row)
+    assert key["options"] == payload["options"]
+
+
+def test_bf16_on_a_transformers_model(tmp_path, one_image_dir, capsys):
+    """DA-V2 Small (reduced configuration) under bf16 autocast: outputs reach the depth
+    postprocessing as float32, attention is counted (CPU flash attention has a formula)."""
+    code, out = run_main(capsys, "--weights", "random", "--models", "dav2-small", "--runs", "2", "--no-history",
+                         "--images", one_image_dir, "--output-dir", tmp_path, "--dtype", "bf16")
+    assert code == 0, out
+    row = load_report(tmp_path)["results"][0]
+    assert row["status"] == "ok" and row["dtype"] == "bf16"
+    meta = json.loads((Path(row["viz_dir"]) / "layers_metadata.json").read_text(encoding="utf-8"))
+    assert any(l["dtype"] == "bfloat16" and l["files"] for l in meta["layers"])
+    fp32 = ub.DepthAnythingV2SmallBenchmark(torch.device("cpu"), "random")
+    fp32.load()
+    image = ub.decode_image(one_image_dir / "bus.jpg")
+    total, _ = fp32.count_flops(image)
+    assert row["gflops"] * 1e9 == total  # identical across dtypes
+
+
+def test_compile_on_the_cpu(tmp_path, one_image_dir, capsys):
+    """torch.compile for YOLO11n: the first call is compile_sec, not a sample; the runs asked for
+    are all there; recompilations are counted."""
+    code, out = run_main(capsys, *YOLO, "--images", one_image_dir, "--output-dir", tmp_path, "--compile", "--no-dissect")
+    assert code == 0, out
+    row = load_report(tmp_path)["results"][0]
+    assert row["compile_mode"] == "default" and row["compile_sec"] > 0
+    assert len(row["inference_times_sec"]) == 3 and row["warm_samples"] == 2
+    assert isinstance(row["recompilations"], int) and row["recompilations"] >= 0
+    assert row["compile_sec"] > row["cold_inference_sec"]
+
+
+def test_fp16_on_the_cpu_is_a_usage_error(tmp_path, one_image_dir, capsys):
+    code, out = run_main(capsys, *YOLO, "--images", one_image_dir, "--output-dir", tmp_path, "--dtype", "fp16")
+    assert code == ub.EXIT_USAGE
+    assert "--dtype fp16 autocasts on CUDA only" in out and "bf16" in out
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").glob("*.json"))
+
+
+# -- FLOPs, exactly ----------------------------------------------------------------------------
+
+def flops_of(module: torch.nn.Module, x: torch.Tensor) -> int:
+    return ub.count_flops(lambda: module(x), ub.leaf_modules(module))[0]
+
+
+def test_conv_flops_equal_a_hand_count():
+    """2 x multiply-adds: out_h * out_w * out_channels * (in_channels / groups) * k * k per image."""
+    conv = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1)
+    x = torch.randn(2, 16, 40, 30)
+    assert flops_of(conv, x) == 2 * 2 * (20 * 15) * 32 * 16 * 3 * 3
+    depthwise = torch.nn.Conv2d(24, 24, 5, padding=2, groups=24)
+    y = torch.randn(1, 24, 17, 13)
+    assert flops_of(depthwise, y) == 2 * (17 * 13) * 24 * 1 * 5 * 5
+
+
+def test_cpu_flash_attention_is_counted():
+    """Attention on the CPU runs a kernel torch's counter has no formula for; ours counts Q@K^T and
+    attn@V: 2 x (2 x b x h x s x s x d)."""
+    b, h, s, d = 2, 4, 64, 32
+    q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
+
+    class Attention(torch.nn.Module):
+        def forward(self, x):
+            return F.scaled_dot_product_attention(x, k, v)
+
+    assert flops_of(Attention(), q) == 2 * (2 * b * h * s * s * d)
+
+
+def test_flops_are_the_same_in_every_dtype(bus_image, cpu):
+    counts = []
+    for dtype in ("fp32", "bf16"):
+        bench = ub.YOLO11nPoseBenchmark(cpu, "random", options=ub.RunOptions(dtype=dtype))
+        bench.load()
+        counts.append(bench.count_flops(bus_image))
+    assert counts[0][0] == counts[1][0] > 0 and counts[0][1] == counts[1][1]
+
+
+def test_mfu_uses_the_peak_for_the_device_and_precision():
+    assert ub.peak_tflops("NVIDIA H200", "bf16") == 989.4
+    assert ub.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert ub.peak_tflops("NVIDIA L40S", "fp32") == 91.6 and ub.peak_tflops("NVIDIA L4", "fp32") == 30.3
+    assert ub.peak_tflops("NVIDIA GeForce GTX 1080", "fp32") is None and ub.peak_tflops(None, "fp32") is None
+    figures = ub.compute_figures(int(6.5e9), 0.013, torch.device("cpu"), "fp32")
+    assert figures["achieved_tflops"] == pytest.approx(0.5) and figures["mfu"] is None
+
+
+def test_options_key_lists_what_differs_from_the_defaults():
+    assert ub.RunOptions().key() == {}
+    assert ub.RunOptions(dtype="bf16", threads=4).key() == {"dtype": "bf16", "threads": 4}
