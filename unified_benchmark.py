@@ -878,8 +878,8 @@ def feature_grid(chw: np.ndarray, columns: int = PNG_GRID_COLUMNS, gap: int = PN
     rows = math.ceil(count / cols)
     height, width = chw.shape[1:]
     grid = np.full((rows * (height + gap) - gap, cols * (width + gap) - gap), GAP_INDEX, dtype=np.uint8)
-    flat = chw[:count].reshape(count, -1)
-    lows, highs = flat.min(1).astype(np.float64), flat.max(1).astype(np.float64)  # one pass each, all channels
+    lows = chw[:count].min(axis=(1, 2)).astype(np.float64)  # one pass each, all channels, no copy of
+    highs = chw[:count].max(axis=(1, 2)).astype(np.float64)  # a strided (token) map
     for i in range(count):  # one channel at a time keeps temporaries small
         ch, lo, hi = chw[i], lows[i], highs[i]
         if not (math.isfinite(lo) and math.isfinite(hi)):  # rare: NaN/inf, so pay for a cleaned copy
@@ -960,12 +960,13 @@ class FileWriter:
     Memory stays bounded: the clones waiting or being written total at most
     WRITER_BUDGET_BYTES, or a single clone when one alone is larger. A capture reserves its
     bytes before it makes its clone; a writer gives them back once it has dropped the clone.
+    A capture larger than the budget can instead be written by the calling thread (run_here).
     """
 
     def __init__(self, threads: int | None = None, budget_bytes: int = WRITER_BUDGET_BYTES):
         self._queue: queue.Queue = queue.Queue()
         self._room = threading.Condition()
-        self._budget, self._in_flight = budget_bytes, 0
+        self.budget_bytes, self._in_flight = budget_bytes, 0
         self._lock = threading.Lock()
         self.error: BaseException | None = None
         self.bytes_written = 0
@@ -998,11 +999,17 @@ class FileWriter:
         """Wait until nbytes more fit the budget; call before making the clone the job will write."""
         self.raise_error()
         with self._room:
-            self._room.wait_for(lambda: self._in_flight == 0 or self._in_flight + nbytes <= self._budget)
+            self._room.wait_for(lambda: self._in_flight == 0 or self._in_flight + nbytes <= self.budget_bytes)
             self._in_flight += nbytes
 
     def submit(self, job: Callable[[], int], nbytes: int) -> None:
         self._queue.put((job, nbytes))
+
+    def run_here(self, job: Callable[[], int]) -> None:
+        """Write in the calling thread (no copy to keep alive), counted like the pool's jobs."""
+        self.raise_error()
+        self._run(job, 0)
+        self.raise_error()
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -1193,8 +1200,12 @@ class LayerDissector:
         part = fmap[:, :PNG_CHANNELS]
         self._check_disk(part.numel() * 5)  # raw PNG + float32 NPY: an upper bound
         nbytes = part.numel() * part.element_size()
-        self._writer.reserve(nbytes)
-        clone = part.to("cpu", copy=True).contiguous()  # outlives the hook
+        # A map larger than the writers' budget would wait for them to drain anyway: a CPU one is
+        # written here, from the live tensor, with no copy (it cannot change during the hook).
+        here = nbytes > self._writer.budget_bytes and part.device.type == "cpu"
+        if not here:
+            self._writer.reserve(nbytes)
+        clone = part.detach() if here else part.to("cpu", copy=True).contiguous()  # a copy outlives the hook
         tile = fmap[0].float().mean(0, keepdim=True)[None]
         size = (min(OVERVIEW_TILE_PX, tile.shape[-2]), min(OVERVIEW_TILE_PX, tile.shape[-1]))
         self.tiles[record.index] = F.adaptive_avg_pool2d(tile, size)[0, 0].cpu().numpy()
@@ -1203,7 +1214,8 @@ class LayerDissector:
         png, npy = self.out_dir / record.files[0], self.out_dir / record.files[1]
         caption = [f"#{record.index} {record.name} (call {record.call})",
                    f"{record.type} {'x'.join(map(str, record.shape))} [{fmt(record.min, '.3g')}, {fmt(record.max, '.3g')}]"]
-        self._writer.submit(lambda: save_feature_map_png(clone, png, caption) + save_feature_map_npy(clone, npy), nbytes)
+        job = lambda: save_feature_map_png(clone, png, caption) + save_feature_map_npy(clone, npy)  # noqa: E731
+        self._writer.run_here(job) if here else self._writer.submit(job, nbytes)
 
     def _check_disk(self, need_bytes: int) -> None:
         free = shutil.disk_usage(self.out_dir).free
