@@ -853,8 +853,9 @@ def as_feature_map(tensor: torch.Tensor, grids: list[tuple[int, int]]) -> tuple[
 
 GAP_INDEX = 255                  # palette entry of the gaps between channels and the caption strip
 PNG_GAP_PX = 1
-PNG_MIN_WIDTH_PX = 256           # small maps are enlarged (nearest neighbour) up to this width ...
-PNG_MAX_SCALE = 8                # ... by at most this factor
+PNG_MIN_BODY_PX = 128           # small maps are enlarged (nearest neighbour) to at least this width ...
+PNG_MAX_SCALE = 8                # ... by at most this factor,
+PNG_MIN_WIDTH_PX = 256           # on a canvas at least this wide, so the caption fits
 CAPTION_LINE_PX = 11
 # Stored (level 0) deflate: encoding is the file writers' main cost, and level 0 is about 3x faster
 # than run-length deflate (which is 1.8x faster than level 1); a dissection's files grow 10-30%.
@@ -910,16 +911,18 @@ def caption_font() -> ImageFont.ImageFont:
 
 
 def palette_image(indices: np.ndarray, caption: list[str]) -> Image.Image:
-    """Palette indices as a viridis PNG image, enlarged when small, with a caption strip above."""
-    scale = min(PNG_MAX_SCALE, max(1, math.ceil(PNG_MIN_WIDTH_PX / indices.shape[1])))
+    """Palette indices as a viridis PNG image, enlarged when small, with a caption strip above;
+    the canvas is widened (not the map enlarged further) where the caption needs room."""
+    scale = min(PNG_MAX_SCALE, max(1, math.ceil(PNG_MIN_BODY_PX / indices.shape[1])))
     body = indices.repeat(scale, 0).repeat(scale, 1) if scale > 1 else indices
     top = CAPTION_LINE_PX * len(caption) + 2
-    img = Image.new("P", (body.shape[1], top + body.shape[0]), GAP_INDEX)
+    width = max(body.shape[1], PNG_MIN_WIDTH_PX)
+    img = Image.new("P", (width, top + body.shape[0]), GAP_INDEX)
     img.putpalette(viridis_palette())
     img.paste(Image.fromarray(body, "P"), (0, top))
     draw = ImageDraw.Draw(img)
     for i, line in enumerate(caption):
-        draw.text((2, 1 + i * CAPTION_LINE_PX), fit_text(line, body.shape[1] - 4), fill=0, font=caption_font())
+        draw.text((2, 1 + i * CAPTION_LINE_PX), fit_text(line, width - 4), fill=0, font=caption_font())
     return img
 
 

@@ -72,12 +72,15 @@ def test_both_modes_write_identical_arrays(tmp_path):
         np.testing.assert_array_equal(np.load(a / name), np.load(b / name))
 
 
-def grid_of(png: Image.Image, rows: int, cols: int, side: int) -> tuple[np.ndarray, int]:
-    """The channel grid below a layer picture's caption, and the factor it was enlarged by."""
-    width = cols * side + (cols - 1) * ub.PNG_GAP_PX
-    scale = png.size[0] // width
-    assert png.size[0] == scale * width
-    return np.asarray(png)[png.size[1] - scale * (rows * side + rows - 1):], scale
+def grid_of(png: Image.Image, rows: int, cols: int, side: int, caption_lines: int = 2) -> tuple[np.ndarray, int]:
+    """The channel grid below a layer picture's caption (at its left), and the factor it was enlarged by."""
+    width, height = cols * side + (cols - 1) * ub.PNG_GAP_PX, rows * side + (rows - 1) * ub.PNG_GAP_PX
+    body = png.size[1] - (caption_lines * ub.CAPTION_LINE_PX + 2)
+    scale = body // height
+    assert body == scale * height and png.size[0] == max(scale * width, ub.PNG_MIN_WIDTH_PX)
+    pixels = np.asarray(png)
+    assert (pixels[-body:, scale * width:] == ub.GAP_INDEX).all()  # the canvas beyond the map is blank
+    return pixels[-body:, :scale * width], scale
 
 
 def test_png_grid_layout_palette_gaps_and_caption(tmp_path):
@@ -86,7 +89,7 @@ def test_png_grid_layout_palette_gaps_and_caption(tmp_path):
     assert png.mode == "P" and png.getpalette()[:3] == ub.viridis_palette()[:3]
     assert png.getpalette()[3 * 254:3 * 256] == ub.viridis_palette()[3 * 254:3 * 256]
     grid, scale = grid_of(png, 4, 4, 8)
-    assert scale == 8  # 35 px wide maps become 280 px
+    assert scale == 4  # 35 px wide maps become 140 px, on a 256 px canvas for the caption
     assert np.load(folder / "layer_001.npy").shape == (1, 8, 8, 8)  # first 8 channels, unchanged
     tile = grid[:8 * scale, :8 * scale]
     assert tile.min() == 0 and tile.max() == 254  # each channel min-max normalised on its own
