@@ -152,7 +152,13 @@ def test_quiet_runs_then_busy_runs_give_suspicious_then_regression(nightly):
     out, codes, texts, payloads, _ = nightly
     assert codes == [0, 0, 0, 0, 0, 4], texts[-1]
     for payload in payloads[:4]:
-        assert {v["verdict"] for v in payload["verdicts"]} <= {"no change", "insufficient data"}, payload["verdicts"]
+        verdicts = {v["metric"]: v["verdict"] for v in payload["verdicts"]}
+        assert verdicts["warm latency"] in {"no change", "insufficient data"}, payload["verdicts"]
+        assert verdicts["memory peak"] in {"no change", "insufficient data"}, payload["verdicts"]
+        # The cold start is one sample per run: on this shared 2-core VM a quiet run's cold start
+        # was once 1.41x the median of three before it (0.148 vs 0.105 s), so one spike may be
+        # flagged suspicious; the seeded simulations test the false-alarm rate of that rule.
+        assert verdicts["cold start"] != "regression", payload["verdicts"]
     assert warm_verdicts(payloads)[:3] == ["insufficient data"] * 3
     assert warm_verdicts(payloads)[4:] == ["suspicious", "regression"]
     busy = next(v for v in payloads[5]["verdicts"] if v["metric"] == "warm latency")
