@@ -533,6 +533,11 @@ class RunOptions:
     fuse: bool = False
     threads: int | None = None   # CPU intra-op threads; None: the CPUs this process may use
 
+    def check(self, device: torch.device, error: type[Exception]) -> None:
+        if self.dtype == "fp16" and device.type != "cuda":
+            raise error(f"--dtype fp16 autocasts on CUDA only, and the device is {device}: use --dtype bf16 "
+                        f"on the CPU, or --device cuda")
+
     def key(self) -> dict:
         """The options that differ from the defaults (threads when given): part of the history's
         configuration key, so runs from before these options existed stay comparable."""
@@ -2338,6 +2343,7 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
     cls, device = job.model_class, torch.device(job.device)
     label = memory_label(device)
     options = RunOptions(**job.options)
+    options.check(device, BenchError)  # a Ray node without CUDA asked for fp16
     torch.set_num_threads(options.threads or usable_cpus())
     bench = cls(device, job.weights, Path(job.models_dir), job.random_checkpoint and Path(job.random_checkpoint), options)
     gpu = GpuMonitor(device)
@@ -4414,13 +4420,13 @@ def plain_output():
         sys.stdout, sys.stderr = stdout, stderr
 
 
-def run_options(args: argparse.Namespace, device: torch.device) -> RunOptions:
-    """The deployment options, checked against the device."""
-    if args.dtype == "fp16" and device.type != "cuda":
-        raise UsageError(f"--dtype fp16 autocasts on CUDA only, and the device is {device}: use --dtype bf16 "
-                         f"on the CPU, or --device cuda")
-    return RunOptions(dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
-                      threads=args.threads)
+def run_options(args: argparse.Namespace, device: torch.device, on_ray: bool = False) -> RunOptions:
+    """The deployment options, checked against the device (on Ray each node checks its own)."""
+    options = RunOptions(dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
+                         threads=args.threads)
+    if not on_ray:
+        options.check(device, UsageError)
+    return options
 
 
 def options_text(options: RunOptions) -> str:
@@ -4437,7 +4443,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--isolation none runs the models in this process; on a Ray cluster every model runs in "
                          "a worker on its node: leave out --isolation or --executor ray")
     device = torch.device("cpu") if on_ray and args.device == "auto" else resolve_device(args.device, check=not on_ray)
-    options = run_options(args, device)
+    options = run_options(args, device, on_ray)
     images, image_source = discover_images(args.images)
     skips = {} if on_ray else preflight(classes, args, device)  # on Ray, each node checks itself
     output_dir = args.output_dir.resolve()

@@ -146,3 +146,13 @@ def test_mfu_uses_the_peak_for_the_device_and_precision():
 def test_options_key_lists_what_differs_from_the_defaults():
     assert ub.RunOptions().key() == {}
     assert ub.RunOptions(dtype="bf16", threads=4).key() == {"dtype": "bf16", "threads": 4}
+
+
+def test_fp16_reaching_a_cpu_worker_fails_its_row_saying_why(tmp_path, one_image_dir):
+    """On Ray each node resolves its own device: a CPU node given --dtype fp16 fails that model's
+    row with the fix, instead of the whole run."""
+    job = ub.WorkerJob(class_name="YOLO11nDetectBenchmark", device="cpu", weights="random", models_dir=str(tmp_path),
+                       images=[str(one_image_dir / "bus.jpg")], runs=1, dissect=False, dissect_mode="single-pass",
+                       viz_dir=str(tmp_path / "viz"), options={"dtype": "fp16"})
+    row = ub.run_model(job, ub.ModelProgress())
+    assert row["status"] == "failed" and "--dtype fp16 autocasts on CUDA only" in row["error"], row
