@@ -566,8 +566,8 @@ def to_float32(value: Any) -> Any:
         for key in list(value.keys()):
             value[key] = to_float32(value[key])
         return value
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_float32(v) for v in value) if not hasattr(value, "_fields") else value
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):  # named tuples pass as they are
+        return type(value)(to_float32(v) for v in value)
     return value
 
 
@@ -580,23 +580,17 @@ def to_channels_last(value: Any) -> Any:
     return value
 
 
-def sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    """FLOPs of CPU flash attention, as torch counts its CUDA sibling: two batched matmuls."""
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
 @functools.lru_cache(maxsize=1)
 def register_flop_formulas() -> None:
     """torch's FLOP counter has no formula for the CPU flash-attention kernel: give it one."""
-    from torch.utils.flop_counter import register_flop_formula
+    from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
         with contextlib.suppress(RuntimeError):  # already registered by a newer torch
+            # The same count as its CUDA siblings: two batched matrix products.
             register_flop_formula(op, get_raw=True)(
-                lambda query, key, value, *a, out_val=None, **k: sdpa_cpu_flops(query.shape, key.shape, value.shape))
+                lambda query, key, value, *a, out_val=None, **k: sdpa_flop_count(query.shape, key.shape, value.shape))
 
 
 def count_flops(forward: Callable[[], Any], leaves: list[tuple[str, torch.nn.Module]]) -> tuple[int, dict[tuple[str, int], int]]:
