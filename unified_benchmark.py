@@ -16,15 +16,18 @@ runs in a fresh worker process that runs this same file (--isolation none: in th
 Sections, in dependency order:
     Constants and logging     exit codes, log(), the errors a user can act on
     Utilities                 images, files, versions
+    CUDA and NVML             every torch.cuda and NVML call, and the pure device decisions
     Timing and memory         clocks, peaks, runtime init, module-call counter, host activity
-    Deployment and compute    --dtype/--compile/--fuse/--threads, FLOPs, MFU, NVML energy
+    Deployment and compute    --dtype/--compile/--fuse/--threads, FLOPs by class, peaks, MFU, energy
     Statistics                pure functions: latency statistics, noise verdicts
-    Layer dissection          hooks on every leaf, pictures and arrays
+    Layer dissection          hooks on every leaf, pictures and arrays, per-layer times
     The base class            ModelBenchmark: everything the models share
     The eight models          one subclass each, and MODEL_REGISTRY
     One model's benchmark     the phases of one model, run inside its worker
     The runner                worker processes, supervised: crashes, timeouts, signals
-    Reports                   JSON, CSV, Markdown
+    History and verdicts      SQLite run history, regression verdicts, comparison
+    Reports and plots         JSON, CSV, Markdown, plots
+    Executors                 the suite here (local) or on a Ray cluster
     CLI and main              options, preflight, lock, main()
 """
 
@@ -181,7 +184,7 @@ def sanitize_layer_name(name: str) -> str:
 
 def set_seed(seed: int = RANDOM_SEED) -> None:
     torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
+    cuda_seed_all(seed)
     np.random.seed(seed)
     random.seed(seed)
 
@@ -354,13 +357,242 @@ def discover_images(folder: Path | None) -> tuple[list[Path], str]:
 
 
 # --------------------------------------------------------------------------------------
+# CUDA and NVML: every call to the GPU runtime and to NVML, and the decisions around them
+# --------------------------------------------------------------------------------------
+# No other section calls torch.cuda or NVML: they ask the functions here. The decisions
+# (which device index, which NVML device, which GPU processes are others, how many compile
+# warm-up calls, where layers are timed) are pure functions, tested on the CPU.
+
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that use CUDA graphs
+CUDA_CONTEXT_SLACK_MB = 2048     # NVML's per-process memory = our allocator's reserved + context (< this)
+
+
+def pick_cuda_device(request: str, available: bool, count: int, current: int) -> torch.device:
+    """--device auto/cuda/cuda:N as an indexed device: 'cuda' is the current device (under Ray,
+    the GPU the task was given, which CUDA_VISIBLE_DEVICES makes index 0). UsageError when absent."""
+    if request == "auto" and not available:
+        return torch.device("cpu")
+    if request in ("auto", "cuda"):
+        if not available:
+            raise UsageError(f"--device {request}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}). Use --device cpu or --device auto")
+        return torch.device("cuda", current)
+    device = torch.device(request)
+    if device.type != "cuda":
+        return device
+    if not available:
+        raise UsageError(f"--device {request}: CUDA is not available on this machine "
+                         f"(torch {torch.__version__}). Use --device cpu or --device auto")
+    if device.index >= count:
+        raise UsageError(f"--device {request}: only {count} CUDA device(s) present (cuda:0..cuda:{count - 1})")
+    return device
+
+
+def ray_device_request(request: str) -> str:
+    """--device as a Ray task carries it: each node resolves auto/cuda itself. cuda:N cannot be
+    honoured there: Ray gives a task one GPU and makes it the only one the task sees."""
+    if re.fullmatch(r"cuda:\d+", request):
+        raise UsageError(f"--device {request} with --executor ray: Ray gives each task one GPU and sets "
+                         f"CUDA_VISIBLE_DEVICES to it, so the task sees it as cuda:0 and cuda:N does not exist "
+                         f"there. Use --device cuda (or auto) and let Ray choose the GPU")
+    return request
+
+
+def normalise_gpu_uuid(text: str) -> str:
+    """torch writes a UUID bare, NVML with a 'GPU-' (or 'MIG-') prefix: compare them without it."""
+    text = str(text).strip().lower()
+    return text.split("-", 1)[1] if text.startswith(("gpu-", "mig-")) else text
+
+
+def nvml_index_for(cuda_uuid: str, nvml_uuids: list[str]) -> int | None:
+    """The NVML device index of a CUDA device, by UUID (NVML ignores CUDA_VISIBLE_DEVICES, so
+    the CUDA index is not the NVML index under Ray or a restricted container); None if absent."""
+    want = normalise_gpu_uuid(cuda_uuid)
+    return next((i for i, u in enumerate(nvml_uuids) if normalise_gpu_uuid(u) == want), None)
+
+
+def other_gpu_processes(procs: list[tuple[int, float | None]], own_pid: int,
+                        own_reserved_mb: float | None) -> tuple[list[int], str]:
+    """The other processes on our GPU, from NVML's (pid, used MB) list, and how ours was told apart.
+
+    NVML reports host PIDs: in a container our PID is not among them. Then ours is the process
+    whose memory matches our allocator's reserved memory plus a CUDA context; a lone process is ours.
+    """
+    pids = [pid for pid, _ in procs]
+    if own_pid in pids:
+        return sorted(p for p in pids if p != own_pid), "pid"
+    if len(procs) <= 1:
+        return [], "only process on the GPU" if procs else "no process listed"
+    if own_reserved_mb is not None:
+        fits = [(used - own_reserved_mb, pid) for pid, used in procs
+                if used is not None and 0 <= used - own_reserved_mb <= CUDA_CONTEXT_SLACK_MB]
+        if fits:
+            own = min(fits)[1]
+            return sorted(p for p in pids if p != own), "memory match (PID namespace differs)"
+    return sorted(pids), "undecided: none matched our memory (all counted as others)"
+
+
+def compile_warmup_calls(mode: str | None, device_type: str) -> int:
+    """Compiled-forward calls per distinct input shape before the samples: one compiles; with CUDA
+    graphs (reduce-overhead, max-autotune on CUDA) the first call runs eagerly and the second
+    records, so the first replay is the third call."""
+    if mode is None:
+        return 0
+    return 2 if mode in CUDA_GRAPH_COMPILE_MODES and device_type == "cuda" else 1
+
+
+PHASES_BEFORE_CUDA = ("import",)  # a worker's phases before runtime init, which creates the CUDA context
+
+
+def phase_clock_device(phase: str, device: torch.device) -> torch.device:
+    """The device a phase's clock synchronises: none before runtime init (a synchronise would
+    create the CUDA context there, and its time would leave runtime_init_sec)."""
+    return torch.device("cpu") if phase in PHASES_BEFORE_CUDA else device
+
+
+def layer_timing_pass(device_type: str) -> str:
+    """Where the dissector times each layer: in the capture pass on the CPU (host clocks see the
+    work as it happens), in a separate pass with no captures on CUDA (a capture synchronises, so
+    events in the capture pass would time launches on an idle stream)."""
+    return "separate pass" if device_type == "cuda" else "capture pass"
+
+
+# -- calls ------------------------------------------------------------------------------
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def cuda_current_index() -> int:
+    """The current CUDA device; 0 in a process that has not initialised CUDA (asking would)."""
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+
+
+def resolve_cuda_request(request: str) -> torch.device:
+    """pick_cuda_device with this machine's answers."""
+    available = request != "cpu" and cuda_available()
+    return pick_cuda_device(request, available, torch.cuda.device_count() if available else 0,
+                            cuda_current_index() if available else 0)
+
+
+def cuda_seed_all(seed: int) -> None:
+    torch.cuda.manual_seed_all(seed)  # lazy: queued until CUDA initialises, no context now
+
+
+def cuda_synchronize(device: torch.device) -> None:
+    torch.cuda.synchronize(device)
+
+
+def cuda_runtime_init(device: torch.device) -> None:
+    """Initialise CUDA and make device current: set_device needs an indexed device."""
+    torch.cuda.init()
+    torch.cuda.set_device(device.index)
+
+
+def cuda_memory_mb(device: torch.device) -> tuple[float, float]:
+    """The caching allocator's (allocated, reserved) MB on device."""
+    return torch.cuda.memory_allocated(device) / 1024**2, torch.cuda.memory_reserved(device) / 1024**2
+
+
+def cuda_reset_peak(device: torch.device) -> None:
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_peak_allocated_mb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 1024**2
+
+
+def cuda_empty_cache() -> None:
+    torch.cuda.empty_cache()
+
+
+def cuda_event() -> Any:
+    """A CUDA event recorded now on the current stream; .elapsed_time(later) is in milliseconds."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def cuda_device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def cuda_tf32_flags() -> dict[str, bool]:
+    """Whether fp32 convolutions (cuDNN) and matmuls (cuBLAS) may run on TF32 tensor cores."""
+    return {"conv": bool(torch.backends.cudnn.allow_tf32), "matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
+
+
+def cuda_environment(device: torch.device) -> dict:
+    """CUDA facts for the report: versions, the device's name and the device count."""
+    available = cuda_available()
+    index = device if device.type == "cuda" else torch.device("cuda", 0)
+    return {"cuda_available": available, "cuda_version": torch.version.cuda,
+            "cudnn_version": torch.backends.cudnn.version() if available else None,
+            "gpu_name": cuda_device_name(index) if available else None,
+            "gpu_count": torch.cuda.device_count() if available else 0}
+
+
+class GpuMonitor:
+    """NVIDIA GPU facts through NVML (nvidia-ml-py, optional): energy counter, SM clock, throttle
+    reasons, other processes. The NVML device is found by the CUDA device's UUID. Every reading is
+    None when NVML is not there; `status` says "ok" or "n/a: why"."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.handle, self.status = device, None, "n/a: not a CUDA device"
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            uuid_text = str(torch.cuda.get_device_properties(device).uuid)
+            uuids = [pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+                     for i in range(pynvml.nvmlDeviceGetCount())]
+            index = nvml_index_for(uuid_text, uuids)
+            if index is None:
+                self.status = f"n/a: NVML lists no device with the UUID of {device} ({uuid_text}; a MIG slice?)"
+                return
+            self.nvml, self.handle, self.status = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index), "ok"
+        except Exception as e:  # not installed, no driver library, or no permission: "n/a"
+            self.status = f"n/a: {type(e).__name__}: {e}"
+
+    def _read(self, fn: str, *args) -> Any:
+        if self.handle is None:
+            return None
+        try:
+            return getattr(self.nvml, fn)(self.handle, *args)
+        except Exception:
+            return None
+
+    def energy_mj(self) -> int | None:
+        return self._read("nvmlDeviceGetTotalEnergyConsumption")
+
+    def state(self) -> dict:
+        """SM clock, throttle reasons (bit mask) and the other processes on the GPU, with how ours
+        was told apart from them."""
+        clocks = self._read("nvmlDeviceGetClockInfo", 1)  # NVML_CLOCK_SM
+        reasons = self._read("nvmlDeviceGetCurrentClocksEventReasons") or self._read("nvmlDeviceGetCurrentClocksThrottleReasons")
+        procs = self._read("nvmlDeviceGetComputeRunningProcesses")
+        others, how = None, None
+        if procs is not None:
+            listed = [(p.pid, None if p.usedGpuMemory is None else p.usedGpuMemory / 1024**2) for p in procs]
+            others, how = other_gpu_processes(listed, os.getpid(), cuda_memory_mb(self.device)[1])
+        return {"sm_clock_mhz": clocks, "throttle_reasons": reasons, "other_gpu_pids": others, "own_process_by": how}
+
+    def power_limit_w(self) -> float | None:
+        limit = self._read("nvmlDeviceGetEnforcedPowerLimit")
+        return limit / 1000 if limit is not None else None
+
+
+# --------------------------------------------------------------------------------------
 # Timing and memory
 # --------------------------------------------------------------------------------------
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        cuda_synchronize(device)
 
 
 def clock(device: torch.device) -> float:
@@ -405,8 +637,7 @@ def get_memory_usage(device: torch.device) -> dict[str, float | None]:
     """One memory checkpoint: process RSS, and on CUDA the allocator's allocated/reserved."""
     snap: dict[str, float | None] = {"rss_mb": to_mb(rss_bytes()), "cuda_allocated_mb": None, "cuda_reserved_mb": None}
     if device.type == "cuda":
-        snap["cuda_allocated_mb"] = to_mb(torch.cuda.memory_allocated(device))
-        snap["cuda_reserved_mb"] = to_mb(torch.cuda.memory_reserved(device))
+        snap["cuda_allocated_mb"], snap["cuda_reserved_mb"] = cuda_memory_mb(device)
     return snap
 
 
@@ -425,13 +656,13 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+            cuda_reset_peak(self.device)
         self._hwm_reset = reset_rss_peak()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
-            self.cuda_peak_mb = to_mb(torch.cuda.max_memory_allocated(self.device))
+            self.cuda_peak_mb = cuda_peak_allocated_mb(self.device)
         # Without a reset (non-Linux) VmHWM is the lifetime peak, still an upper bound.
         self.rss_peak_mb = to_mb(rss_peak_bytes() or rss_bytes())
 
@@ -451,8 +682,7 @@ def runtime_init(device: torch.device) -> None:
     """Warm the runtime with tiny ops that are not the model (CUDA context, cuBLAS and cuDNN
     handles, CPU thread pools), so none of that one-time work is charged to a model's cold start."""
     if device.type == "cuda":
-        torch.cuda.init()
-        torch.cuda.set_device(device)
+        cuda_runtime_init(device)
     x = torch.randn(256, 256, device=device)
     (x @ x).sum()
     F.conv2d(torch.randn(1, 16, 64, 64, device=device), torch.randn(16, 16, 3, 3, device=device), padding=1)
@@ -510,17 +740,22 @@ class HostActivity:
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-# Dense peak TFLOP/s per precision, from the vendors' data sheets (no sparsity). Matched on the
-# CUDA device name, most specific first. "tf32" is fp32 matmuls on tensor cores.
+# Dense peak TFLOP/s per precision, from the vendors' data sheets (no sparsity). A row matches
+# when all its words are whole words of the CUDA device name (so "L4" never matches "L40"); the
+# first match wins, so the more specific rows come first. "tf32": fp32 on tensor cores.
 PEAK_TFLOPS: list[tuple[tuple[str, ...], dict[str, float]]] = [
+    (("H200", "NVL"), {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}),
     (("H200",), {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
+    (("H100", "NVL"), {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}),
     (("H100", "PCIe"), {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}),
     (("H100",), {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
     (("A100",), {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
     (("L40S",), {"fp32": 91.6, "tf32": 183.0, "bf16": 362.0, "fp16": 362.0}),
+    (("L40",), {"fp32": 90.5, "tf32": 90.5, "bf16": 181.0, "fp16": 181.0}),
     (("L4",), {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0}),
 ]
 ENERGY_WINDOW_SEC = 2.0          # NVML energy: warm runs for at least this long, and an idle window as long
+ENERGY_SETTLE_SEC = 2.0          # ... the idle window comes first, this long after the last busy work
 
 
 @dataclass
@@ -593,9 +828,10 @@ def register_flop_formulas() -> None:
                 lambda query, key, value, *a, out_val=None, **k: sdpa_flop_count(query.shape, key.shape, value.shape))
 
 
-def count_flops(forward: Callable[[], Any], leaves: list[tuple[str, torch.nn.Module]]) -> tuple[int, dict[tuple[str, int], int]]:
-    """FLOPs of one forward (FlopCounterMode, under no_grad: it counts nothing under
-    inference_mode), in total and per leaf call (the counter read at each call's pre- and post-hook)."""
+def count_flops(forward: Callable[[], Any], leaves: list[tuple[str, torch.nn.Module]]
+                ) -> tuple[int, dict[tuple[str, int], int], dict[str, int]]:
+    """FLOPs of one forward (FlopCounterMode, under no_grad: it counts nothing under inference_mode):
+    in total, per leaf call (the counter read at each call's pre- and post-hook) and per flop_class."""
     from torch.utils.flop_counter import FlopCounterMode
 
     register_flop_formulas()
@@ -621,94 +857,91 @@ def count_flops(forward: Callable[[], Any], leaves: list[tuple[str, torch.nn.Mod
     finally:
         for handle in handles:
             handle.remove()
-    return counter.get_total_flops(), per_call
+    by_class = {"conv": 0, "matmul": 0}
+    for op, n in counter.get_flop_counts().get("Global", {}).items():
+        by_class[flop_class(str(op))] += n
+    return counter.get_total_flops(), per_call, by_class
 
 
-def precision_key(device: torch.device, dtype: str) -> str:
-    """Which peak applies: fp32 matmuls run as tf32 on CUDA when torch allows it."""
-    if dtype == "fp32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return dtype
+def flop_class(op_name: str) -> str:
+    """The peak an op's FLOPs run against: cuDNN convolutions ("conv") or cuBLAS matrix products and
+    attention ("matmul"): under fp32 they may differ (TF32 is allowed for one and not the other)."""
+    return "conv" if "convolution" in op_name else "matmul"
 
 
-def peak_tflops(device_name: str | None, precision: str) -> float | None:
-    """The device's dense peak for a precision from PEAK_TFLOPS; None for the CPU and unknown devices."""
-    for words, peaks in PEAK_TFLOPS:
-        if device_name and all(w.lower() in device_name.lower() for w in words):
+def class_precisions(device_type: str, dtype: str, tf32: dict[str, bool]) -> dict[str, str]:
+    """The precision each FLOP class runs in: fp16/bf16 under autocast; fp32 as tf32 on CUDA where
+    the flag in force allows it (cuDNN's is on by default, cuBLAS's off)."""
+    if dtype != "fp32" or device_type != "cuda":
+        return {"conv": dtype, "matmul": dtype}
+    return {k: "tf32" if tf32.get(k) else "fp32" for k in ("conv", "matmul")}
+
+
+def device_name_words(device_name: str) -> set[str]:
+    return {w.lower() for w in re.split(r"[\s\-_/]+", device_name) if w}
+
+
+def peak_tflops_for(device_name: str | None, precision: str) -> float | None:
+    """The device's dense data-sheet peak for a precision; None for the CPU, unknown devices and
+    MIG slices (a slice has a fraction of the multiprocessors: no honest full-chip peak)."""
+    if not device_name:
+        return None
+    words = device_name_words(device_name)
+    if "mig" in words:
+        return None
+    for row, peaks in PEAK_TFLOPS:
+        if all(w.lower() in words for w in row):
             return peaks.get(precision)
     return None
 
 
-def compute_figures(flops: int | None, warm_median_sec: float | None, device: torch.device, dtype: str) -> dict:
-    """GFLOPs per forward, achieved TFLOP/s at the warm median, and MFU against the peak."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    precision = precision_key(device, dtype)
-    peak = peak_tflops(name, precision)
+def mix_peak_tflops(flops_by_class: dict[str, int], peaks: dict[str, float | None]) -> float | None:
+    """The peak of a FLOP mix: total FLOPs over the time each class would take at its own peak."""
+    total = sum(flops_by_class.values())
+    if not total or any(peaks.get(k) is None for k, n in flops_by_class.items() if n):
+        return None
+    return total / sum(n / peaks[k] for k, n in flops_by_class.items() if n)
+
+
+def compute_figures(flops: int | None, flops_by_class: dict[str, int], warm_median_sec: float | None,
+                    device: torch.device, dtype: str) -> dict:
+    """GFLOPs per forward, achieved TFLOP/s at warm_median_sec (of the image the FLOPs were counted
+    on), and MFU against the peak of the FLOP mix, each class at the precision it ran in."""
+    name = cuda_device_name(device) if device.type == "cuda" else None
+    tf32 = cuda_tf32_flags()
+    precisions = class_precisions(device.type, dtype, tf32)
+    peak = mix_peak_tflops(flops_by_class, {k: peak_tflops_for(name, p) for k, p in precisions.items()})
+    used = sorted({precisions[k] for k, n in flops_by_class.items() if n})
     achieved = flops / warm_median_sec / 1e12 if flops and warm_median_sec else None
-    return {"gflops": flops / 1e9 if flops is not None else None, "achieved_tflops": achieved,
-            "peak_tflops": peak, "peak_precision": precision if peak else None,
+    return {"gflops": flops / 1e9 if flops is not None else None, "flops_by_class": flops_by_class,
+            "achieved_tflops": achieved, "peak_tflops": peak, "tf32": tf32,
+            "peak_precision": (", ".join(f"{k} {precisions[k]}" for k in ("conv", "matmul") if flops_by_class.get(k))
+                               if len(used) > 1 else (used[0] if used else None)) if peak else None,
             "mfu": achieved / peak if achieved is not None and peak else None}
 
 
-class GpuMonitor:
-    """NVIDIA GPU facts through NVML (nvidia-ml-py, optional): energy counter, SM clock,
-    throttle reasons, other processes. Every reading is None when NVML is not there."""
-
-    def __init__(self, device: torch.device):
-        self.handle = None
-        if device.type != "cuda":
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
-        except Exception:  # not installed, no driver library, or no permission: "n/a"
-            self.handle = None
-
-    def _read(self, fn: str, *args) -> Any:
-        if self.handle is None:
-            return None
-        try:
-            return getattr(self.nvml, fn)(self.handle, *args)
-        except Exception:
-            return None
-
-    def energy_mj(self) -> int | None:
-        return self._read("nvmlDeviceGetTotalEnergyConsumption")
-
-    def state(self) -> dict:
-        """SM clock, throttle reasons (bit mask) and the other processes on the GPU."""
-        clocks = self._read("nvmlDeviceGetClockInfo", 1)  # NVML_CLOCK_SM
-        reasons = self._read("nvmlDeviceGetCurrentClocksEventReasons") or self._read("nvmlDeviceGetCurrentClocksThrottleReasons")
-        procs = self._read("nvmlDeviceGetComputeRunningProcesses")
-        others = None if procs is None else sorted({p.pid for p in procs if p.pid != os.getpid()})
-        return {"sm_clock_mhz": clocks, "throttle_reasons": reasons, "other_gpu_pids": others}
-
-    def power_limit_w(self) -> float | None:
-        limit = self._read("nvmlDeviceGetEnforcedPowerLimit")
-        return limit / 1000 if limit is not None else None
-
-
-def energy_per_inference(monitor: GpuMonitor, run_once: Callable[[], None], device: torch.device) -> dict:
+def energy_per_inference(monitor: GpuMonitor, run_once: Callable[[], None], device: torch.device,
+                         sleep: Callable[[float], None] = time.sleep) -> dict:
     """Energy of warm runs over a window of at least ENERGY_WINDOW_SEC, minus an idle window of the
-    same length: J per inference and mean W. Apart from the latency runs; None without NVML."""
+    same length measured first, after a settle: right after busy work the clocks and the counter lag,
+    so an idle window there reads high. J per inference and mean W; None without NVML."""
     empty = {"energy_j_per_inference": None, "power_mean_w": None, "power_idle_w": None, "energy_runs": None}
     if monitor.energy_mj() is None:
         return empty
     sync(device)
-    e0, t0, runs = monitor.energy_mj(), time.perf_counter(), 0
-    while time.perf_counter() - t0 < ENERGY_WINDOW_SEC or runs == 0:
+    sleep(ENERGY_SETTLE_SEC)
+    e0, t0 = monitor.energy_mj(), time.perf_counter()
+    sleep(ENERGY_WINDOW_SEC)
+    idle_sec, idle_j = time.perf_counter() - t0, (monitor.energy_mj() - e0) / 1000
+    e1, t1, runs = monitor.energy_mj(), time.perf_counter(), 0
+    while time.perf_counter() - t1 < ENERGY_WINDOW_SEC or runs == 0:
         run_once()
         runs += 1
     sync(device)
-    busy_sec, busy_j = time.perf_counter() - t0, (monitor.energy_mj() - e0) / 1000
-    e1 = monitor.energy_mj()
-    time.sleep(busy_sec)
-    idle_j = (monitor.energy_mj() - e1) / 1000
-    return {"energy_j_per_inference": max(busy_j - idle_j, 0.0) / runs, "power_mean_w": busy_j / busy_sec,
-            "power_idle_w": idle_j / busy_sec, "energy_runs": runs}
+    busy_sec, busy_j = time.perf_counter() - t1, (monitor.energy_mj() - e1) / 1000
+    idle_w = idle_j / idle_sec
+    return {"energy_j_per_inference": max(busy_j - idle_w * busy_sec, 0.0) / runs, "power_mean_w": busy_j / busy_sec,
+            "power_idle_w": idle_w, "energy_runs": runs}
 
 
 # --------------------------------------------------------------------------------------
@@ -1067,22 +1300,18 @@ def tensor_statistics(tensor: torch.Tensor) -> tuple[float | None, ...]:
 
 class LayerTimer:
     """Each leaf call's own forward time, from its pre-hook to its post-hook: CUDA events on a
-    GPU (read once, after the forward), perf_counter on the CPU. Approximate: the hooks add a
-    little, and file writers on other threads may take some of the cores (they run at the
-    lowest priority so they mostly use idle ones)."""
+    GPU (read once, after the forward; in a pass of their own, see layer_timing_pass),
+    perf_counter on the CPU. Approximate: the hooks add a little, and file writers on other
+    threads may take some of the cores (they run at the lowest priority so they mostly use idle ones)."""
 
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
+    def __init__(self, device: torch.device):
+        self.device, self.cuda = device, device.type == "cuda"
         self.times_ms: dict[tuple[str, int], float] = {}  # (module name, call) -> ms
         self._open: dict[int, Any] = {}
         self._pending: list[tuple[tuple[str, int], Any, Any]] = []
 
     def _now(self) -> Any:
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        return cuda_event() if self.cuda else time.perf_counter()
 
     def pre_hook(self, module, inputs) -> None:
         self._open[id(module)] = self._now()
@@ -1097,7 +1326,7 @@ class LayerTimer:
 
     def finish(self) -> dict[tuple[str, int], float]:
         if self._pending:
-            torch.cuda.synchronize()
+            cuda_synchronize(self.device)
         for key, begin, end in self._pending:
             self.times_ms[key] = begin.elapsed_time(end)
         self._pending.clear()
@@ -1130,7 +1359,7 @@ class LayerDissector:
     MODES = ("single-pass", "per-layer")
 
     def __init__(self, model: torch.nn.Module, out_dir: Path, token_grids: list[tuple[int, int]], verbose: bool = True,
-                 limits: DissectLimits | None = None):
+                 limits: DissectLimits | None = None, timing: str | None = None):
         self.leaves = leaf_modules(model)
         self.limits = limits or DissectLimits()
         self.pictures_stopped: dict | None = None  # where --dissect-max-mb stopped the files, and why
@@ -1143,7 +1372,9 @@ class LayerDissector:
         self.forward_sec = 0.0
         self._pad = max(3, len(str(len(self.leaves))))
         self._writer: FileWriter | None = None
-        self._timer = LayerTimer(any(p.is_cuda for p in model.parameters()))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.timing = timing or layer_timing_pass(device.type)
+        self._timer = LayerTimer(device)
 
     # -- capture --------------------------------------------------------------------
 
@@ -1153,7 +1384,8 @@ class LayerDissector:
         def hook(module, inputs, output):
             nonlocal calls
             calls += 1
-            self._timer.stop(module, (name, calls))  # before the capture's own work
+            if self.timing == "capture pass":
+                self._timer.stop(module, (name, calls))  # before the capture's own work
             self._capture(index_of(name, calls), name, module, calls, output)
 
         return hook
@@ -1245,6 +1477,8 @@ class LayerDissector:
                 self._run_per_layer(forward)
             else:
                 self._run_hooked(forward, self.leaves, lambda name, call: self._next_index())
+            if self.timing == "separate pass":
+                self._run_timing_pass(forward)
         except DiskGuardStop as e:
             stopped = str(e)
         finally:
@@ -1262,8 +1496,13 @@ class LayerDissector:
         return len(self.records) + 1
 
     def _run_hooked(self, forward: Callable[[], Any], modules, index_of) -> None:
-        handles = [m.register_forward_pre_hook(self._timer.pre_hook) for _, m in modules]
+        timed = self.timing == "capture pass"
+        handles = [m.register_forward_pre_hook(self._timer.pre_hook) for _, m in modules] if timed else []
         handles += [m.register_forward_hook(self._hook_for(n, index_of)) for n, m in modules]
+        self._forward_with(forward, handles)
+
+    def _forward_with(self, forward: Callable[[], Any], handles: list) -> None:
+        """One forward under inference_mode (its time in forward_sec); the hooks removed after it."""
         try:
             start = time.perf_counter()
             with torch.inference_mode():
@@ -1272,6 +1511,21 @@ class LayerDissector:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _run_timing_pass(self, forward: Callable[[], Any]) -> None:
+        """One more forward with timing hooks only: no capture synchronises, so each layer's events
+        bracket its kernels as they run."""
+        calls: collections.Counter = collections.Counter()
+
+        def stop_for(name: str):
+            def stop(module, inputs, output):
+                calls[name] += 1
+                self._timer.stop(module, (name, calls[name]))
+            return stop
+
+        handles = [m.register_forward_pre_hook(self._timer.pre_hook) for _, m in self.leaves]
+        handles += [m.register_forward_hook(stop_for(n)) for n, m in self.leaves]
+        self._forward_with(forward, handles)
 
     def _run_per_layer(self, forward: Callable[[], Any]) -> None:
         order = trace_call_order(self.leaves, forward)
@@ -1330,6 +1584,7 @@ class LayerDissector:
             "overview": overview,
             "modules_never_run": [n for n, _ in self.leaves if n not in ran],
             "layers_forward_ms_total": sum(r.forward_ms or 0.0 for r in self.records),
+            "layer_timing": self.timing,
             "filter": self.limits.pattern,
             "max_mb": self.limits.max_mb,
             "pictures_stopped": self.pictures_stopped,
@@ -1410,6 +1665,7 @@ class ModelBenchmark(ABC):
         self.weight_source = "random (seeded)" if weights == "random" else self.pretrained_source()
         self.input_shape: list[int] | None = None
         self.notes: list[str] = []
+        self.checkpoint_dtype: str | None = None  # the weights' stored dtype, where the loader can tell
 
     # -- what a subclass provides ---------------------------------------------------
 
@@ -1489,19 +1745,29 @@ class ModelBenchmark(ABC):
         with autocast_context(self.device, self.options.dtype):
             return (self._compiled if self._compiled and not eager else self.forward)(inputs)
 
-    def compile(self, image: Image.Image) -> dict:
-        """--compile: torch.compile the forward and make its first call (not a latency sample)."""
+    def compile(self, images: list[Image.Image]) -> dict:
+        """--compile: torch.compile the forward and call it on each distinct input shape until it
+        runs as it will in the samples (compile_warmup_calls: with CUDA graphs, until it replays)."""
         import torch._dynamo
 
         torch._dynamo.reset()
         self._compiled = torch.compile(self.forward, mode=None if self.options.compile == "default" else self.options.compile)
-        inputs = self.prepare(image)
+        per_shape = compile_warmup_calls(self.options.compile, self.device.type)
+        shapes: set[tuple[int, ...]] = set()
         start = clock(self.device)
-        with torch.inference_mode():
-            self.run_forward(inputs)
+        for image in images:
+            inputs = self.prepare(image)
+            shape = tuple(first_tensor(inputs)[0].shape)
+            if shape in shapes:
+                continue
+            shapes.add(shape)
+            for _ in range(per_shape):
+                with torch.inference_mode():
+                    self.run_forward(inputs)
         compile_sec = clock(self.device) - start
         self._graphs_after_compile = compiled_graph_count()
-        return {"compile_sec": compile_sec, "compiled_graphs": self._graphs_after_compile}
+        return {"compile_sec": compile_sec, "compiled_graphs": self._graphs_after_compile,
+                "compile_calls": per_shape * len(shapes), "compile_shapes": len(shapes)}
 
     def recompilations(self) -> int | None:
         return compiled_graph_count() - self._graphs_after_compile if self._compiled else None
@@ -1515,17 +1781,15 @@ class ModelBenchmark(ABC):
 
     def infer(self, image: Image.Image) -> dict:
         """One timed run: preprocess, forward, postprocess, each timed with CUDA sync."""
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
         with PeakMemory(self.device) as peak:
             t0 = clock(self.device)
             inputs = self.prepare(image)
             t1 = clock(self.device)
             with torch.inference_mode():
-                if events:
-                    events[0].record()
+                begin = cuda_event() if cuda else None
                 outputs = self.run_forward(inputs)
-                if events:
-                    events[1].record()
+                end = cuda_event() if cuda else None
                 t2 = clock(self.device)
                 self.postprocess(to_float32(outputs), image)
             t3 = clock(self.device)
@@ -1536,7 +1800,7 @@ class ModelBenchmark(ABC):
             "input_shape": shape,
             "preprocess_sec": t1 - t0,
             "inference_sec": t2 - t1,
-            "inference_event_sec": events[0].elapsed_time(events[1]) / 1000 if events else None,
+            "inference_event_sec": begin.elapsed_time(end) / 1000 if cuda else None,
             "postprocess_sec": t3 - t2,
             "peak_rss_mb": peak.rss_peak_mb,
             "peak_cuda_allocated_mb": peak.cuda_peak_mb,
@@ -1557,10 +1821,10 @@ class ModelBenchmark(ABC):
             return dissector.run(lambda: self.run_forward(inputs, eager=True), mode)
         finally:
             if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+                cuda_empty_cache()
 
-    def count_flops(self, image: Image.Image) -> tuple[int, dict[tuple[str, int], int]]:
-        """FLOPs of one eager forward on image, in total and per leaf call."""
+    def count_flops(self, image: Image.Image) -> tuple[int, dict[tuple[str, int], int], dict[str, int]]:
+        """FLOPs of one eager forward on image: in total, per leaf call and per flop_class."""
         inputs = self.prepare(image)
         return count_flops(lambda: self.run_forward(inputs, eager=True), leaf_modules(self.model))
 
@@ -1575,7 +1839,7 @@ class ModelBenchmark(ABC):
             torch._dynamo.reset()
         release_host_memory()
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            cuda_empty_cache()
 
     def get_info(self) -> dict:
         """Model facts; call before cleanup() (NOTES.md 2)."""
@@ -1594,6 +1858,8 @@ class ModelBenchmark(ABC):
             "preprocess_note": self.PREPROCESS_NOTE,
             "notes": list(self.notes),
             "device": str(self.device),
+            "checkpoint_dtype": self.checkpoint_dtype,
+            "weights_dtype": stored_dtype_name(next((p.dtype for p in self.model.parameters()), None)),
         }
 
     # -- helpers for subclasses -----------------------------------------------------
@@ -1622,6 +1888,37 @@ class ModelBenchmark(ABC):
                 f"{type(self).__name__}: could not load weight file {path} ({type(e).__name__}: {e}). "
                 f"It is probably truncated or not a checkpoint: delete it so it downloads again, or replace it."
             ) from e
+
+
+def stored_dtype_name(dtype: torch.dtype | None) -> str | None:
+    """torch.float16 -> 'fp16' (the names --dtype uses), other dtypes by torch's name."""
+    names = {v: k for k, v in DTYPES.items()}
+    return None if dtype is None else names.get(dtype, str(dtype).replace("torch.", ""))
+
+
+SAFETENSORS_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "float64"}
+
+
+def hub_checkpoint_dtype(repo_id: str) -> str | None:
+    """The floating dtype a cached hub checkpoint stores most of its weights in, read from the
+    safetensors header (the first shard of a sharded one); None when it cannot be read."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, "model.safetensors")
+    if not isinstance(path, str):
+        index = try_to_load_from_cache(repo_id, "model.safetensors.index.json")
+        if not isinstance(index, str):
+            return None
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            shard = next(iter(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
+            path = str(Path(index).parent / shard)
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (OSError, ValueError, TypeError):
+        return None
+    counts = collections.Counter(v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES)
+    return SAFETENSORS_DTYPES[counts.most_common(1)[0][0]] if counts else None
 
 
 def hub_cached(repo_id: str) -> bool:
@@ -1675,7 +1972,12 @@ class HFDepthBenchmark(ModelBenchmark):
 
         self.processor = transformers.AutoImageProcessor.from_pretrained(self.MODEL_ID, local_files_only=True)
         model_class = getattr(transformers, self.MODEL_CLASS)
-        return model_class.from_pretrained(self.MODEL_ID, local_files_only=True, **self.MODEL_KWARGS)
+        self.checkpoint_dtype = hub_checkpoint_dtype(self.MODEL_ID)
+        # transformers 5 loads weights in their stored dtype by default: ask for float32, so a
+        # checkpoint stored in half precision is not measured in it (--dtype autocasts instead).
+        dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        return model_class.from_pretrained(self.MODEL_ID, local_files_only=True, **{dtype_key: torch.float32},
+                                           **self.MODEL_KWARGS)
 
     def _build_random(self) -> torch.nn.Module:
         import transformers
@@ -1813,7 +2115,9 @@ class DepthAnythingV2Benchmark(HFDepthBenchmark):
 
         model = DepthAnythingV2(encoder=self.VARIANT, features=self.FEATURES, out_channels=self.OUT_CHANNELS)
         with self._weight_file_guard(self.official_checkpoint):
-            model.load_state_dict(torch.load(self.official_checkpoint, map_location="cpu", weights_only=True))
+            state = torch.load(self.official_checkpoint, map_location="cpu", weights_only=True)
+            self.checkpoint_dtype = stored_dtype_name(next((t.dtype for t in state.values() if t.is_floating_point()), None))
+            model.load_state_dict(state)  # copied into the float32 parameters
         self.processor = self._random_processor()  # same resize/normalisation as the official image2tensor
         self.LIBRARY = "depth_anything_v2"
         return model
@@ -2177,6 +2481,7 @@ def snapshot_fields(label: str, snap: dict[str, float | None]) -> dict[str, floa
 def timed_phase(progress: ModelProgress, phase: str, device: torch.device, work: Callable[[], Any]) -> tuple[float, Any]:
     """Run one phase with the device synchronised on both sides: (seconds, result)."""
     progress.update(phase=phase, image=None)
+    device = phase_clock_device(phase, device)
     start = clock(device)
     result = work()
     return clock(device) - start, result
@@ -2307,8 +2612,11 @@ def options_fields(options: RunOptions) -> dict:
 def model_compute(bench: ModelBenchmark, image: Image.Image, stats: dict, gpu: GpuMonitor, progress: ModelProgress) -> dict:
     """FLOPs (a separate eager pass), achieved TFLOP/s and MFU; on NVIDIA GPUs the energy window."""
     progress.update(phase="flops", image=None)
-    flops, per_call = bench.count_flops(image)
-    figures = compute_figures(flops, stats["warm_median_sec"], bench.device, bench.options.dtype)
+    flops, per_call, by_class = bench.count_flops(image)
+    first = stats["per_image"][0]  # the FLOPs are this image's: its own warm median, not the pooled one
+    figures = compute_figures(flops, by_class, first["warm_median_sec"], bench.device, bench.options.dtype)
+    figures["flops_basis"] = (f"FLOPs of the first image ({first['image']}, input "
+                              f"{'x'.join(map(str, first['input_shape'] or []))}) over its own warm median")
     log(f"FLOPs per forward: {figures['gflops']:.2f} G; achieved {fmt(figures['achieved_tflops'], '.3f')} TFLOP/s; "
         f"MFU {fmt(figures['mfu'], '.1%') if figures['mfu'] is not None else 'n/a'}", "STATS")
     energy = {}
@@ -2324,7 +2632,7 @@ def model_compute(bench: ModelBenchmark, image: Image.Image, stats: dict, gpu: G
         log(f"Energy: {energy['energy_j_per_inference']:.3f} J per inference, {energy['power_mean_w']:.0f} W mean "
             f"({energy['energy_runs']} runs; idle {energy['power_idle_w']:.0f} W)", "STATS")
     return {**figures, **(energy or {"energy_j_per_inference": None, "power_mean_w": None, "power_idle_w": None}),
-            "power_limit_w": gpu.power_limit_w(), "flops_per_call": per_call}
+            "power_limit_w": gpu.power_limit_w(), "nvml": gpu.status, "flops_per_call": per_call}
 
 
 def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
@@ -2340,12 +2648,13 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
     options.check(device, BenchError)  # a Ray node without CUDA asked for fp16
     torch.set_num_threads(options.threads or usable_cpus())
     bench = cls(device, job.weights, Path(job.models_dir), job.random_checkpoint and Path(job.random_checkpoint), options)
-    gpu = GpuMonitor(device)
     try:
         with ModuleCallCounter() as calls:
+            # Nothing before runtime init touches CUDA (see phase_clock_device); NVML after it.
             import_sec, _ = timed_phase(progress, "import", device, bench.import_library)
             runtime_init_sec, _ = timed_phase(progress, "runtime init", device, lambda: runtime_init(device))
             log(f"Imports {import_sec:.2f}s, runtime init {runtime_init_sec:.3f}s (device {device})", "INIT")
+            gpu = GpuMonitor(device)
             before = get_memory_usage(device)
             log(f"{label} baseline after runtime init: {headline_mb(before, device):.0f} MB", "MEMORY")
             download_sec, downloaded = timed_phase(progress, "download", device, bench.download)
@@ -2360,9 +2669,11 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         first_image = decode_image(Path(job.images[0]))
         compiled = {}
         if options.compile:
-            compiled = timed_phase(progress, "compile", device, lambda: bench.compile(first_image))[1]
-            log(f"torch.compile ({options.compile}): first call {compiled['compile_sec']:.2f}s, "
-                f"{compiled['compiled_graphs']} graph(s); not a latency sample", "COMPILE")
+            images = [first_image] + [decode_image(Path(p)) for p in job.images[1:]]
+            compiled = timed_phase(progress, "compile", device, lambda: bench.compile(images))[1]
+            log(f"torch.compile ({options.compile}): {compiled['compile_calls']} call(s) over "
+                f"{compiled['compile_shapes']} input shape(s) in {compiled['compile_sec']:.2f}s, "
+                f"{compiled['compiled_graphs']} graph(s); not latency samples", "COMPILE")
         gpu_before = gpu.state()
         with HostActivity() as host:
             runs = timed_runs(bench, job, progress)
@@ -2370,7 +2681,8 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         stats = latency_stats(runs)
         noise = noise_reasons(stats["warm_iqr_rel"], host.other_cpu_cores)
         if gpu_before["other_gpu_pids"] or gpu_after["other_gpu_pids"]:
-            noise.append(f"other processes on the GPU: {sorted(set(gpu_before['other_gpu_pids'] or []) | set(gpu_after['other_gpu_pids'] or []))}")
+            others = sorted(set(gpu_before["other_gpu_pids"] or []) | set(gpu_after["other_gpu_pids"] or []))
+            noise.append(f"other processes on the GPU: {others} (ours told apart by {gpu_after['own_process_by']})")
         compute = model_compute(bench, first_image, stats, gpu, progress)
         log(f"Inference: avg={stats['avg_inference_sec']:.3f}s std={stats['std_inference_sec']:.3f}s "
             f"min={stats['min_inference_sec']:.3f}s max={stats['max_inference_sec']:.3f}s "
@@ -2401,6 +2713,7 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         "module_calls_before_cold_run": calls.count,
         **options_fields(options),
         "compile_sec": compiled.get("compile_sec"),
+        "compile_calls": compiled.get("compile_calls"),
         "recompilations": bench_recompilations,
         "inference_times_sec": [r["inference_sec"] for r in runs],
         **stats,
@@ -2409,6 +2722,7 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         **compute,
         "gpu_state_before": gpu_before,
         "gpu_state_after": gpu_after,
+        "gpu_own_process": gpu_after["own_process_by"],
         "noisy": bool(noise),
         "noise_reasons": noise,
         "other_cpu_cores": host.other_cpu_cores,
@@ -2433,6 +2747,7 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         "dissect_files": dissection["total_files"] if dissection else None,
         "dissect_top_layers": dissection["top_layers"] if dissection else None,
         "dissect_pictures_stopped": dissection["pictures_stopped"] if dissection else None,
+        "layer_timing": dissection["layer_timing"] if dissection else None,
         "viz_dir": str(Path(job.viz_dir) / cls.__name__) if dissection else None,
         "num_images": len(job.images),
         "images": [Path(p).name for p in job.images],
@@ -2449,7 +2764,7 @@ def failure_message(cls: type[ModelBenchmark], error: BaseException, progress: M
     figures = f"process RSS {snap['rss_mb']:.0f} MB, peak RSS {format_bytes(rss_peak_bytes())}"
     if device.type == "cuda":
         figures += (f", CUDA allocated {snap['cuda_allocated_mb']:.0f} MB, reserved {snap['cuda_reserved_mb']:.0f} MB, "
-                    f"peak allocated {to_mb(torch.cuda.max_memory_allocated(device)):.0f} MB")
+                    f"peak allocated {cuda_peak_allocated_mb(device):.0f} MB")
     return (f"{cls.__name__} ran out of memory {where} ({figures}): {type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}. Free memory, use a smaller model set, or --device cpu")
 
@@ -2751,7 +3066,7 @@ def run_in_process(job: WorkerJob) -> dict:
     row = run_model(job, ModelProgress())
     release_host_memory()  # the exception's frames are gone: free what they held
     if job.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+        cuda_empty_cache()
     return row
 
 
@@ -3170,7 +3485,8 @@ EXTRA_CSV_COLUMNS = [
     "dissect_bytes_written", "failed_phase", "failed_image", "worker_signal", "error",
     "dtype", "channels_last", "compile_mode", "fuse", "threads", "interop_threads", "cpu_affinity", "compile_sec",
     "recompilations", "gflops", "achieved_tflops", "peak_tflops", "mfu", "energy_j_per_inference", "power_mean_w",
-    "warm_median_event_sec",
+    "warm_median_event_sec", "compile_calls", "peak_precision", "checkpoint_dtype", "weights_dtype", "nvml",
+    "gpu_own_process", "layer_timing",
 ]
 
 
@@ -3184,16 +3500,11 @@ def cpu_model() -> str:
 
 def environment(device: torch.device) -> dict:
     """Everything about the machine a figure depends on."""
-    cuda = torch.cuda.is_available()
     return {
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cuda_available": cuda,
-        "cuda_version": torch.version.cuda,
-        "cudnn_version": torch.backends.cudnn.version() if cuda else None,
-        "gpu_name": torch.cuda.get_device_name(device if device.type == "cuda" else 0) if cuda else None,
-        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        **cuda_environment(device),
         "hostname": socket.gethostname(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -3278,14 +3589,16 @@ def compute_markdown(ok: list[dict]) -> list[str]:
     """Options as run and compute figures per model."""
     return ["## Deployment and Compute", "",
             "FLOPs: one eager forward counted by torch's FlopCounterMode (matmuls, convolutions, attention; "
-            "element-wise ops are not counted). Achieved TFLOP/s = FLOPs / warm median. MFU against the "
-            "device's dense peak for the precision in use; n/a on the CPU and unknown devices. Energy: NVIDIA "
-            "GPUs with nvidia-ml-py only.", ""] + table(
-        ["Model", "dtype", "Channels-last", "Compile", "Fuse", "Threads", "Compile (s)", "Recompilations", "GFLOPs",
-         "TFLOP/s", "MFU", "J/inference", "Mean W", "Warm median by CUDA events (s)"],
+            "element-wise ops are not counted). Achieved TFLOP/s = the first image's FLOPs / its own warm "
+            "median. MFU against the peak of the FLOP mix, convolutions and matrix products each at the dense "
+            "peak of the precision they ran in (TF32 where torch's flags allow it); n/a on the CPU, MIG slices "
+            "and unknown devices. Energy: NVIDIA GPUs with nvidia-ml-py only.", ""] + table(
+        ["Model", "dtype", "Channels-last", "Compile", "Fuse", "Threads", "Compile (s)", "Compile calls",
+         "Recompilations", "GFLOPs", "TFLOP/s", "Peak", "MFU", "J/inference", "Mean W", "Warm median by CUDA events (s)"],
         [[row_name(r), r.get("dtype"), r.get("channels_last"), r.get("compile_mode") or "eager", r.get("fuse"),
-          r.get("threads"), na(r.get("compile_sec"), ".2f"), na(r.get("recompilations"), "d"),
-          na(r.get("gflops"), ".2f"), na(r.get("achieved_tflops"), ".3f"), na(r.get("mfu"), ".2%"),
+          r.get("threads"), na(r.get("compile_sec"), ".2f"), na(r.get("compile_calls"), "d"),
+          na(r.get("recompilations"), "d"), na(r.get("gflops"), ".2f"), na(r.get("achieved_tflops"), ".3f"),
+          f"{r['peak_tflops']:.1f} ({r.get('peak_precision')})" if r.get("peak_tflops") else "n/a", na(r.get("mfu"), ".2%"),
           na(r.get("energy_j_per_inference"), ".4f"), na(r.get("power_mean_w"), ".0f"),
           na(r.get("warm_median_event_sec"))] for r in ok])
 
@@ -3771,7 +4084,7 @@ def print_summary(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, pa
 
 EXECUTORS = ("local", "ray")
 FLEET_MODES = ("spread", "every-node", "every-gpu-type")
-RAY_SLOT = "vision_bench_slot"   # custom resource, 1 per CPU node: a node never runs two models at once
+RAY_SLOT = "vision_bench_slot"   # custom resource, 1 per node: a node never runs two models at once
 RAY_FILE_MODES = ("auto", "shared", "object-store")
 RAY_CHUNK_BYTES = 8 * 1024**2    # dissection files travel through the object store in chunks this size
 RAY_POLL_SEC = 0.5
@@ -3784,9 +4097,30 @@ class RayOptions:
     files: str = "auto"
 
 
+def ray_task_resources(use_gpu: bool) -> dict:
+    """What one model's task asks of Ray: the node's one benchmark slot in every fleet mode (the
+    spec's one model at a time per node: no shared CPU, PCIe or power budget), and a GPU for CUDA runs."""
+    return {"num_cpus": 0, "resources": {RAY_SLOT: 1}, **({"num_gpus": 1} if use_gpu else {})}
+
+
+def eligible_nodes(nodes: list[dict], use_gpu: bool) -> tuple[list[dict], list[str]]:
+    """The alive nodes that can take a model (a benchmark slot, and a GPU for CUDA runs), and why
+    each other alive node is left out."""
+    usable, excluded = [], []
+    for node in (n for n in nodes if n["Alive"]):
+        res, where = node["Resources"], f"node {node['NodeID'][:12]} ({node.get('NodeManagerHostname', '?')})"
+        if res.get(RAY_SLOT, 0) < 1:
+            excluded.append(f"{where}: no '{RAY_SLOT}' resource (start it with --resources '{{\"{RAY_SLOT}\": 1}}')")
+        elif use_gpu and res.get("GPU", 0) < 1:
+            excluded.append(f"{where}: no GPU, and this run uses CUDA (--device cpu runs on every node)")
+        else:
+            usable.append(node)
+    return usable, excluded
+
+
 def node_facts() -> dict:
     """Who this cluster node is, for the rows it produces (and its machine key for the history)."""
-    env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    env = environment(resolve_cuda_request("auto"))
     return {"hostname": env["hostname"], "gpu_name": env["gpu_name"], "cpu_model": env["cpu_model"],
             "machine_key": machine_key(env), "environment": env}
 
@@ -3795,8 +4129,7 @@ def node_run_main(job_path: Path, result_path: Path, timeout: str) -> int:
     """On a cluster node (internal): one model through the same supervised worker as a local run."""
     die_with_parent()
     job = WorkerJob(**json.loads(job_path.read_text(encoding="utf-8")))
-    if job.device == "auto":
-        job.device = "cuda" if torch.cuda.is_available() else "cpu"
+    job.device = str(resolve_cuda_request(job.device))  # auto/cuda: the GPU Ray gave this task, as cuda:0
     with tempfile.TemporaryDirectory(prefix="vision-bench-node-") as work_dir:
         with termination_signals():
             row = execute_job(job, "process", Path(work_dir), None if timeout == "none" else float(timeout))
@@ -3889,7 +4222,7 @@ def ray_pull_files(folder: str, chunk_bytes: int):
 class RayFleet:
     """A run on a Ray cluster: one task per (model, node), each in the same worker as a local run.
 
-    Never two models on one GPU (num_gpus=1) or, on CPU nodes, on one node (a RAY_SLOT of 1).
+    Never two models on one node at once (each task takes the node's one RAY_SLOT; CUDA runs also a GPU).
     No task is retried: a node or worker that dies is a crashed row naming the node."""
 
     def __init__(self, cfg: RunConfig, options: RayOptions):
@@ -3927,11 +4260,13 @@ class RayFleet:
         """Alive nodes that can take a model: a GPU for CUDA runs, else a benchmark slot."""
         import ray
 
-        need = "GPU" if self.use_gpu else RAY_SLOT
-        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(need, 0) >= 1]
+        nodes, excluded = eligible_nodes(ray.nodes(), self.use_gpu)
+        for reason in excluded:
+            log(f"Left out {reason}", "WARNING")
         if not nodes:
-            raise UsageError(f"no node of the Ray cluster at {self.info['ray_address']} offers '{need}': start each "
-                             f"node with --resources '{{\"{RAY_SLOT}\": 1}}' (CPU) or with GPUs")
+            need = f"'{RAY_SLOT}'" + (" and a GPU" if self.use_gpu else "")
+            raise UsageError(f"no node of the Ray cluster at {self.info['ray_address']} offers {need}: start each "
+                             f"node with --resources '{{\"{RAY_SLOT}\": 1}}' (and its GPUs for CUDA runs)")
         return nodes
 
     @property
@@ -3945,8 +4280,7 @@ class RayFleet:
     def task_options(self, node: dict | None = None) -> dict:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        options: dict[str, Any] = {"max_retries": 0, "num_cpus": 0}
-        options.update({"num_gpus": 1} if self.use_gpu else {"resources": {RAY_SLOT: 1}})
+        options: dict[str, Any] = {"max_retries": 0, **ray_task_resources(self.use_gpu)}
         if node is not None:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
         return options
@@ -4179,7 +4513,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--images", type=Path, help="folder of .jpg/.jpeg/.png images (default: test_data/)")
     parser.add_argument("--runs", type=positive_int, default=NUM_INFERENCE_RUNS,
                         help=f"inference runs per image (default {NUM_INFERENCE_RUNS})")
-    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default auto; cuda is the current GPU, cuda:0 in a fresh "
+                             "process; with --executor ray each task uses the GPU Ray gives it)")
     parser.add_argument("--weights", choices=["pretrained", "random"], default="pretrained",
                         help="pretrained checkpoints, or the exact architectures with seeded random weights")
     parser.add_argument("--models-dir", type=Path, default=SCRIPT_DIR / "models",
@@ -4247,21 +4582,17 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def resolve_device(name: str, check: bool = True) -> torch.device:
-    """--device on this machine; check=False for a Ray driver, whose nodes have the devices."""
+def resolve_device(name: str, on_ray: bool = False) -> torch.device:
+    """--device on this machine, indexed (cuda -> cuda:<current>); on Ray the driver checks only the
+    request (each node resolves auto/cuda itself) and records it unresolved, or cpu."""
+    if on_ray:
+        request = ray_device_request(name)
+        return torch.device("cpu") if request == "auto" else torch.device(request)
+    device = resolve_cuda_request(name)
     if name == "auto":
-        if torch.cuda.is_available():
-            log("Using CUDA device")
-            return torch.device("cuda")
-        log("CUDA not available, falling back to CPU. Performance will be significantly slower.", "WARNING")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and check:
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine "
-                             f"(torch {torch.__version__}). Use --device cpu or --device auto")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        log("Using CUDA device " + str(device) if device.type == "cuda" else
+            "CUDA not available, falling back to CPU. Performance will be significantly slower.",
+            "INFO" if device.type == "cuda" else "WARNING")
     return device
 
 
@@ -4436,7 +4767,7 @@ def run(args: argparse.Namespace) -> int:
     if on_ray and args.isolation == "none":
         raise UsageError("--isolation none runs the models in this process; on a Ray cluster every model runs in "
                          "a worker on its node: leave out --isolation or --executor ray")
-    device = torch.device("cpu") if on_ray and args.device == "auto" else resolve_device(args.device, check=not on_ray)
+    device = resolve_device(args.device, on_ray)
     options = run_options(args, device, on_ray)
     images, image_source = discover_images(args.images)
     skips = {} if on_ray else preflight(classes, args, device)  # on Ray, each node checks itself

@@ -111,8 +111,8 @@ def test_mobilesam_pretrained_path_loads_a_state_dict(tmp_path, bus_image, cpu):
     assert bench.infer(bus_image)["inference_sec"] > 0
 
 
-def write_hub_snapshot(cache, cls, monkeypatch):
-    """Save a reduced model with save_pretrained where the HF cache keeps hub id cls.MODEL_ID.
+def write_hub_snapshot(cache, cls, monkeypatch, dtype=torch.float32):
+    """Save a reduced model (in dtype) with save_pretrained where the HF cache keeps hub id cls.MODEL_ID.
 
     Reduced DA-V2 Base/Large have the Small variant's widths: under their hub ids they are
     checkpoints with the wrong features/out_channels.
@@ -122,7 +122,7 @@ def write_hub_snapshot(cache, cls, monkeypatch):
     bench.load()
     repo = cache / ("models--" + cls.MODEL_ID.replace("/", "--"))
     snapshot = repo / "snapshots" / "0123456789abcdef"
-    bench.model.save_pretrained(snapshot)
+    bench.model.to(dtype).save_pretrained(snapshot)
     bench.processor.save_pretrained(snapshot)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0123456789abcdef")
@@ -145,6 +145,20 @@ def test_transformers_pretrained_path_loads_from_the_hf_cache(tmp_path, one_imag
         assert rows[name]["total_params"] == count
         assert rows[name]["module_calls_before_cold_run"] == 0 and rows[name]["downloaded"] is False
     assert rows["DepthProBenchmark"]["input_shape"] == [1, 3, 768, 768]  # the saved processor's size
+
+
+def test_a_half_precision_hub_checkpoint_runs_and_is_labelled_fp32(tmp_path, one_image_dir, monkeypatch):
+    """transformers 5 would load a checkpoint stored in float16 as float16 (its default dtype is
+    'auto') and the row would still say fp32: the tool asks for float32 and records what is stored."""
+    cache = tmp_path / "hf-cache"
+    write_hub_snapshot(cache, ub.DepthAnythingV2SmallBenchmark, monkeypatch, dtype=torch.float16)
+    out = tmp_path / "out"
+    proc = run_cli("--models", "dav2-small", "--runs", "1", "--no-dissect", "--no-history", "--images", one_image_dir,
+                   "--output-dir", out, env={"HF_HUB_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = load_report(out)["results"][0]
+    assert row["status"] == "ok" and row["dtype"] == "fp32"
+    assert row["checkpoint_dtype"] == "fp16" and row["weights_dtype"] == "fp32", row
 
 
 def test_dav2_with_wrong_features_fails_clearly(tmp_path, one_image_dir, monkeypatch):

@@ -73,7 +73,7 @@ def test_bf16_on_a_transformers_model(tmp_path, one_image_dir, capsys):
     fp32 = ub.DepthAnythingV2SmallBenchmark(torch.device("cpu"), "random")
     fp32.load()
     image = ub.decode_image(one_image_dir / "bus.jpg")
-    total, _ = fp32.count_flops(image)
+    total, _, _ = fp32.count_flops(image)
     assert row["gflops"] * 1e9 == total  # identical across dtypes
 
 
@@ -84,6 +84,7 @@ def test_compile_on_the_cpu(tmp_path, one_image_dir, capsys):
     assert code == 0, out
     row = load_report(tmp_path)["results"][0]
     assert row["compile_mode"] == "default" and row["compile_sec"] > 0
+    assert row["compile_calls"] == 1  # one image, one shape, no CUDA graphs on the CPU
     assert len(row["inference_times_sec"]) == 3 and row["warm_samples"] == 2
     assert isinstance(row["recompilations"], int) and row["recompilations"] >= 0
     assert row["compile_sec"] > row["cold_inference_sec"]
@@ -135,11 +136,11 @@ def test_flops_are_the_same_in_every_dtype(bus_image, cpu):
 
 
 def test_mfu_uses_the_peak_for_the_device_and_precision():
-    assert ub.peak_tflops("NVIDIA H200", "bf16") == 989.4
-    assert ub.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
-    assert ub.peak_tflops("NVIDIA L40S", "fp32") == 91.6 and ub.peak_tflops("NVIDIA L4", "fp32") == 30.3
-    assert ub.peak_tflops("NVIDIA GeForce GTX 1080", "fp32") is None and ub.peak_tflops(None, "fp32") is None
-    figures = ub.compute_figures(int(6.5e9), 0.013, torch.device("cpu"), "fp32")
+    assert ub.peak_tflops_for("NVIDIA H200", "bf16") == 989.4
+    assert ub.peak_tflops_for("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert ub.peak_tflops_for("NVIDIA L40S", "fp32") == 91.6 and ub.peak_tflops_for("NVIDIA L4", "fp32") == 30.3
+    assert ub.peak_tflops_for("NVIDIA GeForce GTX 1080", "fp32") is None and ub.peak_tflops_for(None, "fp32") is None
+    figures = ub.compute_figures(int(6.5e9), {"conv": int(6.5e9), "matmul": 0}, 0.013, torch.device("cpu"), "fp32")
     assert figures["achieved_tflops"] == pytest.approx(0.5) and figures["mfu"] is None
 
 
