@@ -441,12 +441,12 @@ def compile_warmup_calls(mode: str | None, device_type: str) -> int:
     return 2 if mode in CUDA_GRAPH_COMPILE_MODES and device_type == "cuda" else 1
 
 
-PHASES_BEFORE_CUDA = ("import",)  # a worker's phases before runtime init, which creates the CUDA context
+PHASES_BEFORE_CUDA = ("import", "runtime init")  # runtime init synchronises at its own end
 
 
 def phase_clock_device(phase: str, device: torch.device) -> torch.device:
-    """The device a phase's clock synchronises: none before runtime init (a synchronise would
-    create the CUDA context there, and its time would leave runtime_init_sec)."""
+    """The device a phase's clocks synchronise: none up to runtime init's start (a synchronise
+    creates the CUDA context, which is runtime init's work: runtime_init_sec must include it)."""
     return torch.device("cpu") if phase in PHASES_BEFORE_CUDA else device
 
 
@@ -514,13 +514,47 @@ def cuda_event() -> Any:
     return event
 
 
+class CudaSpan:
+    """Two CUDA events made ahead (creating one is a host call: not inside a timed span), recorded
+    around a span of work; seconds() waits for the end event."""
+
+    def __init__(self):
+        self._begin, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._begin.record()  # torch creates the CUDA event at its first record: do that here
+        self._end.record()
+
+    def begin(self) -> None:
+        self._begin.record()
+
+    def end(self) -> None:
+        self._end.record()
+
+    def seconds(self) -> float:
+        self._end.synchronize()
+        return self._begin.elapsed_time(self._end) / 1000  # elapsed_time is in ms
+
+
 def cuda_device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
-def cuda_tf32_flags() -> dict[str, bool]:
-    """Whether fp32 convolutions (cuDNN) and matmuls (cuBLAS) may run on TF32 tensor cores."""
-    return {"conv": bool(torch.backends.cudnn.allow_tf32), "matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
+def cuda_tf32_flags() -> dict[str, bool | None]:
+    """Whether fp32 convolutions (cuDNN) and matmuls (cuBLAS) may run on TF32 tensor cores; None
+    when torch will not say. torch >= 2.9 keeps the setting in `fp32_precision` ('tf32', 'ieee', or
+    'none': the legacy allow_tf32 flag decides), and reading allow_tf32 raises once the two APIs mix."""
+    def allowed(backend: Any, legacy: Callable[[], bool]) -> bool | None:
+        try:
+            precision = getattr(backend, "fp32_precision", "none")
+            return precision == "tf32" if precision in ("tf32", "ieee") else bool(legacy())
+        except RuntimeError:
+            return None
+
+    return {"conv": allowed(getattr(torch.backends.cudnn, "conv", None), lambda: torch.backends.cudnn.allow_tf32),
+            "matmul": allowed(torch.backends.cuda.matmul, lambda: torch.backends.cuda.matmul.allow_tf32)}
+
+
+def cuda_cudnn_benchmark() -> bool:
+    return bool(torch.backends.cudnn.benchmark)
 
 
 def cuda_environment(device: torch.device) -> dict:
@@ -572,7 +606,9 @@ class GpuMonitor:
         """SM clock, throttle reasons (bit mask) and the other processes on the GPU, with how ours
         was told apart from them."""
         clocks = self._read("nvmlDeviceGetClockInfo", 1)  # NVML_CLOCK_SM
-        reasons = self._read("nvmlDeviceGetCurrentClocksEventReasons") or self._read("nvmlDeviceGetCurrentClocksThrottleReasons")
+        reasons = self._read("nvmlDeviceGetCurrentClocksEventReasons")
+        if reasons is None:  # nvidia-ml-py before 12.535 (0 is a reading: no reasons)
+            reasons = self._read("nvmlDeviceGetCurrentClocksThrottleReasons")
         procs = self._read("nvmlDeviceGetComputeRunningProcesses")
         others, how = None, None
         if procs is not None:
@@ -869,22 +905,22 @@ def flop_class(op_name: str) -> str:
     return "conv" if "convolution" in op_name else "matmul"
 
 
-def class_precisions(device_type: str, dtype: str, tf32: dict[str, bool]) -> dict[str, str]:
+def class_precisions(device_type: str, dtype: str, tf32: dict[str, bool | None]) -> dict[str, str | None]:
     """The precision each FLOP class runs in: fp16/bf16 under autocast; fp32 as tf32 on CUDA where
-    the flag in force allows it (cuDNN's is on by default, cuBLAS's off)."""
+    the flag in force allows it (cuDNN's is on by default, cuBLAS's off); None where unknown."""
     if dtype != "fp32" or device_type != "cuda":
         return {"conv": dtype, "matmul": dtype}
-    return {k: "tf32" if tf32.get(k) else "fp32" for k in ("conv", "matmul")}
+    return {k: None if tf32.get(k) is None else "tf32" if tf32[k] else "fp32" for k in ("conv", "matmul")}
 
 
 def device_name_words(device_name: str) -> set[str]:
     return {w.lower() for w in re.split(r"[\s\-_/]+", device_name) if w}
 
 
-def peak_tflops_for(device_name: str | None, precision: str) -> float | None:
+def peak_tflops_for(device_name: str | None, precision: str | None) -> float | None:
     """The device's dense data-sheet peak for a precision; None for the CPU, unknown devices and
     MIG slices (a slice has a fraction of the multiprocessors: no honest full-chip peak)."""
-    if not device_name:
+    if not device_name or precision is None:
         return None
     words = device_name_words(device_name)
     if "mig" in words:
@@ -1781,15 +1817,17 @@ class ModelBenchmark(ABC):
 
     def infer(self, image: Image.Image) -> dict:
         """One timed run: preprocess, forward, postprocess, each timed with CUDA sync."""
-        cuda = self.device.type == "cuda"
+        span = CudaSpan() if self.device.type == "cuda" else None
         with PeakMemory(self.device) as peak:
             t0 = clock(self.device)
             inputs = self.prepare(image)
             t1 = clock(self.device)
             with torch.inference_mode():
-                begin = cuda_event() if cuda else None
+                if span:
+                    span.begin()
                 outputs = self.run_forward(inputs)
-                end = cuda_event() if cuda else None
+                if span:
+                    span.end()
                 t2 = clock(self.device)
                 self.postprocess(to_float32(outputs), image)
             t3 = clock(self.device)
@@ -1800,7 +1838,7 @@ class ModelBenchmark(ABC):
             "input_shape": shape,
             "preprocess_sec": t1 - t0,
             "inference_sec": t2 - t1,
-            "inference_event_sec": begin.elapsed_time(end) / 1000 if cuda else None,
+            "inference_event_sec": span.seconds() if span else None,
             "postprocess_sec": t3 - t2,
             "peak_rss_mb": peak.rss_peak_mb,
             "peak_cuda_allocated_mb": peak.cuda_peak_mb,
@@ -2606,7 +2644,7 @@ def options_fields(options: RunOptions) -> dict:
     """The options as run, for the row: threads as set, interop threads and the CPU affinity."""
     return {"dtype": options.dtype, "channels_last": options.channels_last, "compile_mode": options.compile,
             "fuse": options.fuse, "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-            "cpu_affinity": usable_cpus(), "cudnn_benchmark": torch.backends.cudnn.benchmark}
+            "cpu_affinity": usable_cpus(), "cudnn_benchmark": cuda_cudnn_benchmark()}
 
 
 def model_compute(bench: ModelBenchmark, image: Image.Image, stats: dict, gpu: GpuMonitor, progress: ModelProgress) -> dict:

@@ -141,6 +141,18 @@ def test_fp32_convolutions_use_the_tf32_peak_when_cudnn_allows_it():
     assert ub.mix_peak_tflops(mix, {"conv": 494.7, "matmul": None}) is None
 
 
+def test_tf32_flags_are_read_through_either_torch_api(monkeypatch):
+    """torch >= 2.9 keeps TF32 in fp32_precision; reading allow_tf32 raises once the APIs mix."""
+    assert ub.cuda_tf32_flags() == {"conv": True, "matmul": False}  # torch's defaults
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    try:
+        assert ub.cuda_tf32_flags()["matmul"] is True
+    finally:
+        monkeypatch.undo()
+    assert ub.class_precisions("cuda", "fp32", {"conv": None, "matmul": False}) == {"conv": None, "matmul": "fp32"}
+    assert ub.peak_tflops_for("NVIDIA H200", None) is None  # unknown precision: no MFU, never a guess
+
+
 def test_cpu_rows_record_the_flop_split_and_no_peak():
     figures = ub.compute_figures(10**9, {"conv": 6 * 10**8, "matmul": 4 * 10**8}, 0.01, torch.device("cpu"), "fp32")
     assert figures["flops_by_class"] == {"conv": 6 * 10**8, "matmul": 4 * 10**8}
@@ -157,11 +169,13 @@ def test_cuda_graph_modes_warm_up_until_they_replay():
     assert ub.compile_warmup_calls(None, "cuda") == 0
 
 
-def test_no_phase_before_runtime_init_synchronises_cuda():
-    """The import phase's clock must not create the CUDA context: that is runtime init's time."""
+def test_no_clock_before_runtime_init_synchronises_cuda():
+    """A synchronise creates the CUDA context: the import phase's clocks and runtime init's start
+    clock must not, so the context's creation is inside runtime_init_sec (which ends synchronised)."""
     cuda = torch.device("cuda", 0)
     assert ub.phase_clock_device("import", cuda) == torch.device("cpu")
-    assert ub.phase_clock_device("runtime init", cuda) == cuda and ub.phase_clock_device("load", cuda) == cuda
+    assert ub.phase_clock_device("runtime init", cuda) == torch.device("cpu")
+    assert ub.phase_clock_device("load", cuda) == cuda and ub.phase_clock_device("compile", cuda) == cuda
 
 
 def test_layers_are_timed_in_a_pass_of_their_own_on_cuda():
