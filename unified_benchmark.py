@@ -370,19 +370,14 @@ CUDA_CONTEXT_SLACK_MB = 2048     # NVML's per-process memory = our allocator's r
 def pick_cuda_device(request: str, available: bool, count: int, current: int) -> torch.device:
     """--device auto/cuda/cuda:N as an indexed device: 'cuda' is the current device (under Ray,
     the GPU the task was given, which CUDA_VISIBLE_DEVICES makes index 0). UsageError when absent."""
-    if request == "auto" and not available:
+    if request == "cpu" or (request == "auto" and not available):
         return torch.device("cpu")
-    if request in ("auto", "cuda"):
-        if not available:
-            raise UsageError(f"--device {request}: CUDA is not available on this machine "
-                             f"(torch {torch.__version__}). Use --device cpu or --device auto")
-        return torch.device("cuda", current)
-    device = torch.device(request)
-    if device.type != "cuda":
-        return device
     if not available:
         raise UsageError(f"--device {request}: CUDA is not available on this machine "
                          f"(torch {torch.__version__}). Use --device cpu or --device auto")
+    if request in ("auto", "cuda"):
+        return torch.device("cuda", current)
+    device = torch.device(request)
     if device.index >= count:
         raise UsageError(f"--device {request}: only {count} CUDA device(s) present (cuda:0..cuda:{count - 1})")
     return device
