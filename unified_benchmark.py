@@ -942,12 +942,11 @@ def compute_figures(flops: int | None, flops_by_class: dict[str, int], warm_medi
     tf32 = cuda_tf32_flags()
     precisions = class_precisions(device.type, dtype, tf32)
     peak = mix_peak_tflops(flops_by_class, {k: peak_tflops_for(name, p) for k, p in precisions.items()})
-    used = sorted({precisions[k] for k, n in flops_by_class.items() if n})
+    used = {k: precisions[k] for k in ("conv", "matmul") if flops_by_class.get(k)}
+    label = ", ".join(f"{k} {p}" for k, p in used.items()) if len(set(used.values())) > 1 else next(iter(used.values()), None)
     achieved = flops / warm_median_sec / 1e12 if flops and warm_median_sec else None
     return {"gflops": flops / 1e9 if flops is not None else None, "flops_by_class": flops_by_class,
-            "achieved_tflops": achieved, "peak_tflops": peak, "tf32": tf32,
-            "peak_precision": (", ".join(f"{k} {precisions[k]}" for k in ("conv", "matmul") if flops_by_class.get(k))
-                               if len(used) > 1 else (used[0] if used else None)) if peak else None,
+            "achieved_tflops": achieved, "peak_tflops": peak, "tf32": tf32, "peak_precision": label if peak else None,
             "mfu": achieved / peak if achieved is not None and peak else None}
 
 
@@ -1784,14 +1783,12 @@ class ModelBenchmark(ABC):
         torch._dynamo.reset()
         self._compiled = torch.compile(self.forward, mode=None if self.options.compile == "default" else self.options.compile)
         per_shape = compile_warmup_calls(self.options.compile, self.device.type)
-        shapes: set[tuple[int, ...]] = set()
-        start = clock(self.device)
+        shapes: dict[tuple[int, ...], Any] = {}  # one prepared input per distinct shape, outside the timer
         for image in images:
             inputs = self.prepare(image)
-            shape = tuple(first_tensor(inputs)[0].shape)
-            if shape in shapes:
-                continue
-            shapes.add(shape)
+            shapes.setdefault(tuple(first_tensor(inputs)[0].shape), inputs)
+        start = clock(self.device)
+        for inputs in shapes.values():
             for _ in range(per_shape):
                 with torch.inference_mode():
                     self.run_forward(inputs)
