@@ -106,6 +106,7 @@ LOCK_FILE_NAME = ".vision-bench.lock"
 HF_HOST, ASSETS_HOST = "huggingface.co", "github.com"
 
 EXIT_OK, EXIT_MODEL_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_REGRESSION = 0, 1, 2, 3, 4
+EXIT_HISTORY_UNUSABLE = 5        # --fail-on-regression, and the history could not be read or written
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
@@ -2868,6 +2869,121 @@ def build_random_main(class_name: str, path: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# Progress journal: each finished model made durable before the next one starts
+# --------------------------------------------------------------------------------------
+# A run appends its header and then every finished row to results/journal_<ts>.jsonl, each
+# entry fsync'd, and deletes the journal once its reports and history entry are written. A
+# journal that is still there belongs to a run that died (SIGKILL, OOM killer, power loss):
+# the next run in the folder, or --recover, writes that run's reports from it.
+
+JOURNAL_PREFIX = "journal_"
+
+
+def journal_line(entry: dict) -> bytes:
+    """One entry as a line that proves itself whole: the CRC-32 of its JSON, a space, the JSON."""
+    text = json.dumps(entry, default=str, ensure_ascii=True)
+    return f"{zlib.crc32(text.encode('ascii')):08x} {text}\n".encode("ascii")
+
+
+def parse_journal(data: bytes) -> tuple[list[dict], int]:
+    """The whole entries of a journal and how many lines were torn or corrupt (those are ignored:
+    a line counts only when it ends in a newline and its CRC matches)."""
+    *lines, tail = data.split(b"\n")
+    entries, torn = [], int(bool(tail.strip()))
+    for line in lines:
+        crc, _, text = line.partition(b" ")
+        entry = None
+        with contextlib.suppress(ValueError):
+            if int(crc, 16) == zlib.crc32(text):
+                entry = json.loads(text)
+        if isinstance(entry, dict):
+            entries.append(entry)
+        elif line.strip():
+            torn += 1
+    return entries, torn
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a new file's name durable (its folder's entry), where the platform allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class RunJournal:
+    """Append-only, fsync'd: the run's header, then 'started' and 'finished' per model. A journal
+    that cannot be written is a warning (the run goes on, without the protection)."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.fd = path, None
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            self._append({"event": "start", **header})
+            fsync_folder(path.parent)
+        except OSError as e:
+            self._give_up(e)
+        if self.fd is None:  # no header: an empty journal would only puzzle the next run
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def started(self, class_name: str) -> None:
+        self._append({"event": "started", "class_name": class_name})
+
+    def finished(self, row: dict) -> None:
+        self._append({"event": "finished", "row": row})
+
+    def discard(self) -> None:
+        """The run's reports and history entry are written: the journal has done its work."""
+        self.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _append(self, entry: dict) -> None:
+        if self.fd is None:
+            return
+        data = journal_line({**entry, "wall_time": time.time()})
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+            os.fsync(self.fd)
+        except OSError as e:
+            self._give_up(e)
+
+    def _give_up(self, error: OSError) -> None:
+        log(f"The progress journal {self.path} could not be written ({error.strerror or error}): if this run "
+            f"dies, its finished models cannot be recovered", "WARNING")
+        self.close()
+
+
+def read_journal(path: Path) -> dict:
+    """A dead run's journal: its header, finished rows, the models it started, torn lines."""
+    entries, torn = parse_journal(path.read_bytes())
+    if not entries or entries[0].get("event") != "start":
+        raise OutputError(f"{path} has no readable header ({torn} torn line(s)): nothing can be recovered from it; "
+                          f"move it aside")
+    rows = [e["row"] for e in entries if e.get("event") == "finished"]
+    started = [e["class_name"] for e in entries if e.get("event") == "started"]
+    return {"header": entries[0], "rows": rows, "started": started, "torn_lines": torn,
+            "last_wall_time": entries[-1]["wall_time"]}
+
+
+def lost_models(planned: list[str], started: list[str], rows: list[dict]) -> list[str]:
+    """What a dead run lost: the model it was running, then those it never started."""
+    done = {r["class_name"] for r in rows}
+    running = [c for c in started if c not in done]
+    return ([f"{c} (running when the run died)" for c in running] +
+            [f"{c} (not started)" for c in planned if c not in done and c not in started])
+
+
+# --------------------------------------------------------------------------------------
 # The runner: one worker process per model, supervised
 # --------------------------------------------------------------------------------------
 
@@ -2901,6 +3017,34 @@ class RunConfig:
     executor_info: dict = field(default_factory=lambda: {"executor": "local"})
     skips: dict[str, str] = field(default_factory=dict)
     options: RunOptions = field(default_factory=RunOptions)
+    run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    history: str | None = None       # the history file this run is stored in (None: --no-history)
+    journal: RunJournal | None = None
+
+    RECORD_SKIPS = ("work_dir", "journal")  # this process's, never a dead run's
+
+    def record(self) -> dict:
+        """The configuration as JSON values, for the journal (from_record reads it back)."""
+        values = {f: getattr(self, f) for f in self.__dataclass_fields__ if f not in self.RECORD_SKIPS}
+        return {**values, "models": [c.__name__ for c in self.models], "images": [str(p) for p in self.images],
+                "device": str(self.device), "models_dir": str(self.models_dir), "output_dir": str(self.output_dir),
+                "options": asdict(self.options)}
+
+    @classmethod
+    def from_record(cls, record: dict) -> RunConfig:
+        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "models": resolve_models(",".join(record["models"])),
+                      "images": [Path(p) for p in record["images"]], "device": torch.device(record["device"]),
+                      "models_dir": Path(record["models_dir"]), "output_dir": Path(record["output_dir"]),
+                      "options": RunOptions(**record["options"])})
+
+    def note_started(self, cls: type[ModelBenchmark]) -> None:
+        if self.journal:
+            self.journal.started(cls.__name__)
+
+    def note_finished(self, row: dict) -> None:
+        if self.journal:
+            self.journal.finished(row)
 
     @property
     def results_dir(self) -> Path:
@@ -3134,7 +3278,9 @@ def run_benchmark(cfg: RunConfig) -> RunOutcome:
         if cls.__name__ in cfg.skips:
             log(f"Skipping {cls.__name__}: {cfg.skips[cls.__name__]}", "SKIP")
             results.append(status_row(cls, "skipped", cfg.skips[cls.__name__]))
+            cfg.note_finished(results[-1])
             continue
+        cfg.note_started(cls)
         try:
             row = execute_model(cls, cfg)
         except KeyboardInterrupt:
@@ -3143,6 +3289,7 @@ def run_benchmark(cfg: RunConfig) -> RunOutcome:
             return RunOutcome(results, EXIT_SIGINT if e.signum == signal.SIGINT else EXIT_SIGTERM, False,
                               signal.Signals(e.signum).name)
         results.append(row)
+        cfg.note_finished(row)
         if row["status"] in FAILED_STATUSES:
             exit_code = EXIT_MODEL_FAILED
             if not cfg.keep_going:
@@ -3326,6 +3473,7 @@ def payload_from_report(path: Path) -> dict:
     stamp = payload.get("timestamp") or "19700101_000000"
     payload.setdefault("started_at", datetime.strptime(stamp, TIMESTAMP_FORMAT).isoformat())
     payload.setdefault("machine_key", machine_key(env))
+    payload.setdefault("complete", True)  # reports before the flag were written by finished runs
     return payload
 
 
@@ -3395,12 +3543,13 @@ class HistoryStore:
              r.get("postprocess_sec"), r.get("peak_mb"), json.dumps(r.get("input_shape"))) for r in row.get("runs", [])])
 
     def earlier(self, payload: dict, row: dict) -> list[dict]:
-        """Earlier ok runs of this model with the same machine and configuration, most recent first."""
+        """Earlier ok runs of this model with the same machine and configuration, most recent first;
+        never an incomplete run (stopped, interrupted or recovered from a dead run's journal)."""
         config_key, machine = short_hash(model_config(payload, row)), row_machine_key(payload, row)
         found = self.db.execute(
             "SELECT m.run_id, m.row, r.environment, r.started_at FROM model_results m JOIN runs r USING (run_id) "
             "WHERE m.config_key=? AND m.class_name=? AND m.machine_key=? AND r.started_at<? AND m.status='ok' "
-            "ORDER BY r.started_at DESC", (config_key, row["class_name"], machine, payload["started_at"]))
+            "AND r.complete=1 ORDER BY r.started_at DESC", (config_key, row["class_name"], machine, payload["started_at"]))
         runs = []
         for rec in found:
             earlier = json.loads(rec["row"])
@@ -3546,10 +3695,11 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float) -> dict:
-    env = environment(cfg.device)
+def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, env: dict | None = None) -> dict:
+    """The JSON report's content (env: the machine as the run saw it, else as it is now)."""
+    env = env or environment(cfg.device)
     return {
-        "run_id": str(uuid.uuid4()),
+        "run_id": cfg.run_id,
         "started_at": cfg.started_at,
         "machine_key": machine_key(env),
         "timestamp": cfg.timestamp,
@@ -3640,6 +3790,10 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
     if not payload["complete"]:
         md += [f"**INCOMPLETE RUN** (interrupted by {payload['interrupted_by'] or 'a failure'}): "
                "only the models listed as ok finished.", ""]
+    if payload.get("recovered"):
+        lost = payload["recovered"]["lost"]
+        md += [f"Recovered on {payload['recovered']['recovered_at']} from the progress journal of a run that died "
+               "before writing its reports. Lost: " + ("; ".join(lost) if lost else "nothing") + ".", ""]
     md += ["## System Information", ""] + table(["Property", "Value"], [
         ["OS", env["os"]], ["Python", env["python"]], ["PyTorch", env["torch"]],
         ["CUDA Available", env["cuda_available"]], ["CUDA Version", env["cuda_version"]],
@@ -4538,7 +4692,8 @@ def build_parser() -> ArgumentParser:
                             epilog="Models: " + ", ".join(c.SHORT_NAME for c in MODEL_REGISTRY) + ". "
                                    "Exit codes: 0 ok, 1 a model failed, crashed or timed out, 2 usage or input problem, "
                                    "3 another run holds the output folder, 4 a regression with "
-                                   "--fail-on-regression, 130/143 interrupted.")
+                                   "--fail-on-regression, 5 the history unusable with --fail-on-regression, "
+                                   "130/143 interrupted.")
     parser.add_argument("--models", help="comma-separated model names or class names (default: all eight)")
     parser.add_argument("--images", type=Path, help="folder of .jpg/.jpeg/.png images (default: test_data/)")
     parser.add_argument("--runs", type=positive_int, default=NUM_INFERENCE_RUNS,
@@ -4601,7 +4756,8 @@ def build_parser() -> ArgumentParser:
                               f"(default: results/{HISTORY_FILE_NAME} in the output folder)")
     history.add_argument("--no-history", action="store_true", help="neither store this run nor judge it")
     history.add_argument("--fail-on-regression", action="store_true",
-                         help=f"exit {EXIT_REGRESSION} when any verdict is 'regression' (for cron mail)")
+                         help=f"exit {EXIT_REGRESSION} when any verdict is 'regression', {EXIT_HISTORY_UNUSABLE} when "
+                              f"the history could not be read or written (for cron mail)")
     tools = parser.add_argument_group("tools (run no model)").add_mutually_exclusive_group()
     tools.add_argument("--import-reports", type=Path, metavar="DIR",
                        help="load DIR's benchmark_results_*.json into the history (idempotent)")
@@ -4609,6 +4765,9 @@ def build_parser() -> ArgumentParser:
                        help="compare two runs (report JSON files or run ids in the history), per model")
     tools.add_argument("--merge", nargs="+", metavar="FILE",
                        help="merge report JSON files from several machines into one report")
+    tools.add_argument("--recover", action="store_true",
+                       help="write the reports of runs in the output folder that died before writing them (from "
+                            "their progress journals; every run also does this first), then exit")
     return parser
 
 
@@ -4797,25 +4956,35 @@ def run(args: argparse.Namespace) -> int:
     if on_ray and args.isolation == "none":
         raise UsageError("--isolation none runs the models in this process; on a Ray cluster every model runs in "
                          "a worker on its node: leave out --isolation or --executor ray")
+    if args.fail_on_regression and args.no_history:
+        raise UsageError("--fail-on-regression judges against the history, and --no-history turns it off: "
+                         "leave out one of them")
     device = resolve_device(args.device, on_ray)
     options = run_options(args, device, on_ray)
     images, image_source = discover_images(args.images)
     skips = {} if on_ray else preflight(classes, args, device)  # on Ray, each node checks itself
     output_dir = args.output_dir.resolve()
     prepare_output(output_dir, not args.no_dissect)
-    lock = RunLock(output_dir)
+    lock, cfg = RunLock(output_dir), None
     lock.acquire()
     try:
+        recover_dead_runs(output_dir)
         with tempfile.TemporaryDirectory(prefix="vision-bench-") as work_dir:
+            history = history_path(args, output_dir)
             cfg = RunConfig(models=classes, images=images, image_source=image_source, runs=args.runs, device=device,
                             weights=args.weights, models_dir=args.models_dir.resolve(), output_dir=output_dir,
                             dissect=not args.no_dissect, dissect_mode=args.dissect_mode, keep_going=args.keep_going,
                             isolation=args.isolation, model_timeout_sec=args.model_timeout, work_dir=Path(work_dir),
                             timestamp=claim_timestamp(output_dir), skips=skips, device_request=args.device,
                             dissect_filter=args.dissect_filter, dissect_max_mb=args.dissect_max_mb,
-                            started_at=datetime.now().isoformat(timespec="microseconds"), options=options)
+                            started_at=datetime.now().isoformat(timespec="microseconds"), options=options,
+                            history=str(history) if history else None,
+                            executor_info={"executor": "ray", "fleet": args.fleet} if on_ray else {"executor": "local"})
             log(f"Run {cfg.timestamp}: {len(classes)} model(s), {len(images)} image(s), {cfg.runs} run(s) per image, "
                 f"{cfg.weights} weights, device {device}, isolation {cfg.isolation}, options {options_text(options)}")
+            env = environment(device)
+            cfg.journal = RunJournal(cfg.results_dir / f"{JOURNAL_PREFIX}{cfg.timestamp}.jsonl",
+                                     {"config": cfg.record(), "environment": env, "image_set": image_fingerprints(images)})
             start = time.perf_counter()
             with termination_signals():
                 if on_ray:
@@ -4825,27 +4994,82 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     outcome = run_benchmark(cfg)
             total_time_sec = time.perf_counter() - start
-        if outcome.interrupted_by and not cfg.keep_going:
-            log(f"No reports written (interrupted by {outcome.interrupted_by}; with --keep-going the finished "
-                f"models are reported)", "ERROR")
-        else:
-            payload = report_payload(outcome, cfg, total_time_sec)
-            trends = judge_against_history(payload, history_path(args, output_dir))
-            paths = generate_reports(payload, cfg, trends)
-            if on_ray and args.fleet != "spread":
-                paths += merged_fleet_report(payload, cfg)
-            store_in_history(payload)
-            if args.keep_viz and outcome.complete and outcome.exit_code == EXIT_OK:
-                prune_viz(output_dir / "viz", args.keep_viz)
-            print_changes(payload)
-            print_summary(outcome, cfg, total_time_sec, paths)
-            regressions = [v for v in payload.get("verdicts") or [] if v["verdict"] == "regression"]
-            if args.fail_on_regression and regressions and outcome.exit_code == EXIT_OK:
-                log(f"{len(regressions)} regression(s) and --fail-on-regression: exit {EXIT_REGRESSION}", "ERROR")
-                return EXIT_REGRESSION
-        return outcome.exit_code
+        payload, paths = report_run(outcome, cfg, total_time_sec, env)
+        cfg.journal.discard()
+        if args.keep_viz and outcome.complete and outcome.exit_code == EXIT_OK:
+            prune_viz(output_dir / "viz", args.keep_viz)
+        print_changes(payload)
+        print_summary(outcome, cfg, total_time_sec, paths)
+        return run_exit_code(outcome.exit_code, payload, args.fail_on_regression)
     finally:
+        if cfg is not None and cfg.journal:
+            cfg.journal.close()
         lock.release()
+
+
+def report_run(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, env: dict,
+               extra: dict | None = None, source: str = "run") -> tuple[dict, list[Path]]:
+    """Judge a run against the history, write its reports (a stopped or interrupted run's too,
+    marked incomplete), then store it in the history: its payload and the files written."""
+    payload = {**report_payload(outcome, cfg, total_time_sec, env), **(extra or {})}
+    trends = judge_against_history(payload, Path(cfg.history) if cfg.history else None)
+    paths = generate_reports(payload, cfg, trends)
+    if cfg.executor_info.get("fleet", "spread") != "spread":
+        paths += merged_fleet_report(payload, cfg)
+    store_in_history(payload, source)
+    return payload, paths
+
+
+def run_exit_code(model_exit_code: int, payload: dict, fail_on_regression: bool) -> int:
+    """The run's exit code: a failed or interrupted model's first; then, with --fail-on-regression,
+    a history that could not be used (judging was asked and impossible), then a regression."""
+    if model_exit_code != EXIT_OK or not fail_on_regression:
+        return model_exit_code
+    if payload.get("history_note"):
+        log(f"--fail-on-regression, and this run could not be judged: {payload['history_note']}: exit "
+            f"{EXIT_HISTORY_UNUSABLE}", "ERROR")
+        return EXIT_HISTORY_UNUSABLE
+    regressions = [v for v in payload.get("verdicts") or [] if v["verdict"] == "regression"]
+    if regressions:
+        log(f"{len(regressions)} regression(s) and --fail-on-regression: exit {EXIT_REGRESSION}", "ERROR")
+        return EXIT_REGRESSION
+    return EXIT_OK
+
+
+def recover_dead_runs(output_dir: Path) -> list[Path]:
+    """Reports and a history entry for every run whose journal is still in results/: it died before
+    writing them. Called with the folder's lock held, so no live run owns these journals."""
+    paths: list[Path] = []
+    for journal in sorted((output_dir / "results").glob(f"{JOURNAL_PREFIX}*.jsonl")):
+        try:
+            paths += recover_run(journal)
+        except BenchError as e:
+            log(f"The journal {journal} of a run that died could not be recovered: {e}", "WARNING")
+    return paths
+
+
+def recover_run(journal: Path) -> list[Path]:
+    """One dead run from its journal: its finished rows reported under its own timestamp, marked
+    incomplete and naming what was lost, and stored in the history as incomplete (never a baseline)."""
+    dead = read_journal(journal)
+    header = dead["header"]
+    cfg = RunConfig.from_record({**header["config"], "output_dir": str(journal.parent.parent)})
+    lost = lost_models([c.__name__ for c in cfg.models], dead["started"], dead["rows"])
+    log(f"Run {cfg.timestamp} died before writing its reports; recovering {len(dead['rows'])} finished model(s) "
+        f"from {journal}" + (f"; lost: {', '.join(lost)}" if lost else "")
+        + (f"; {dead['torn_lines']} torn line(s) ignored" if dead["torn_lines"] else ""), "RECOVER")
+    if (cfg.results_dir / f"benchmark_results_{cfg.timestamp}.json").exists():
+        log(f"Run {cfg.timestamp}'s reports were written before it died: they are left as they are", "RECOVER")
+        journal.unlink()
+        return []
+    outcome = RunOutcome(dead["rows"], EXIT_MODEL_FAILED, False, "its death (SIGKILL, out of memory or power loss)")
+    recovered = {"journal": str(journal), "recovered_at": datetime.now().isoformat(timespec="seconds"),
+                 "lost": lost, "torn_lines": dead["torn_lines"]}
+    _, paths = report_run(outcome, cfg, dead["last_wall_time"] - header["wall_time"], header["environment"],
+                          {"image_set": header["image_set"], "recovered": recovered}, source="recovered")
+    journal.unlink()
+    log(f"Run {cfg.timestamp} recovered, marked incomplete: " + ", ".join(str(p) for p in paths), "RECOVER")
+    return paths
 
 
 def prune_viz(viz_root: Path, keep: int) -> list[Path]:
@@ -4897,24 +5121,28 @@ def judge_against_history(payload: dict, path: Path | None) -> dict[str, list[di
     return trends
 
 
-def store_in_history(payload: dict) -> None:
-    """Add the run, its raw samples and its verdicts to the history (after its reports)."""
+def store_in_history(payload: dict, source: str = "run") -> None:
+    """Add the run, its raw samples and its verdicts to the history (after its reports); a failure
+    is a warning and the payload's history_note (the exit code reads it)."""
     if payload["verdicts"] is None:  # --no-history, or a history that could not be used
         return
     try:
         store = HistoryStore(Path(payload["history"]))
         try:
-            store.add_run(payload, "run")
+            store.add_run(payload, source)
             store.add_verdicts(payload["run_id"], payload["verdicts"])
         finally:
             store.close()
     except (BenchError, sqlite3.Error, OSError) as e:
-        log(f"This run could not be added to the history {payload['history']}: {e}", "WARNING")
+        payload["history_note"] = f"this run could not be added to the history {payload['history']}: {e}"
+        log(payload["history_note"], "WARNING")
 
 
 def run_tool(args: argparse.Namespace) -> int:
     """--import-reports, --compare and --merge: work on reports and the history, run no model."""
     output_dir = args.output_dir.resolve()
+    if args.recover:
+        return recover_tool(output_dir)
     if args.import_reports:
         path = history_path(args, output_dir)
         if path is None:
@@ -4944,6 +5172,22 @@ def run_tool(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def recover_tool(output_dir: Path) -> int:
+    """--recover: the dead runs' reports, under the folder's lock (a live run's journal is its own)."""
+    if not (output_dir / "results").is_dir():
+        raise UsageError(f"--recover: {output_dir / 'results'} does not exist: pass the --output-dir of the run")
+    lock = RunLock(output_dir)
+    lock.acquire()
+    try:
+        journals = sorted((output_dir / "results").glob(f"{JOURNAL_PREFIX}*.jsonl"))
+        if not journals:
+            log(f"Nothing to recover in {output_dir / 'results'}: no run died there before writing its reports")
+        recover_dead_runs(output_dir)
+    finally:
+        lock.release()
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -4964,7 +5208,7 @@ def main(argv: list[str] | None = None) -> int:
             log(str(e), "ERROR")
             return e.exit_code
         try:
-            if args.import_reports or args.compare or args.merge:
+            if args.import_reports or args.compare or args.merge or args.recover:
                 return run_tool(args)
             return run(args)
         except BenchError as e:

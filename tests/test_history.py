@@ -321,7 +321,34 @@ def test_imported_runs_read_back_with_their_samples(tmp_path, capsys):
     assert payload["results"][0]["runs"][0]["image"] == "bus.jpg"
 
 
-def test_help_names_exit_code_4(capsys):
+def test_help_names_exit_codes_4_and_5(capsys):
     code, text = run_main(capsys, "--help")
     assert code == 0 and "4 a regression with --fail-on-regression" in " ".join(text.split())
+    assert "5 the history unusable with --fail-on-regression" in " ".join(text.split())
     assert "--compare" in text and "--merge" in text and "--import-reports" in text
+
+
+def test_fail_on_regression_with_an_unusable_history_has_its_own_exit_code(tmp_path, capsys, one_image_dir):
+    """Judging asked and impossible is exit 5, the reason on the console; without the flag, exit 0."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "history.sqlite").write_bytes(b"this is not a database" * 100)
+    args = ["--weights", "random", "--models", "yolo11n-detect", "--runs", "2", "--no-dissect",
+            "--images", one_image_dir, "--output-dir", tmp_path]
+    code, text = run_main(capsys, *args, "--fail-on-regression")
+    assert code == ub.EXIT_HISTORY_UNUSABLE == 5, text
+    assert "could not be judged" in text and "history.sqlite" in text and "file is not a database" in text
+    assert len(list((tmp_path / "results").glob("benchmark_results_*.json"))) == 1  # the reports still came
+    code, text = run_main(capsys, *args)
+    assert code == 0 and "could not be used" in text
+    code, text = run_main(capsys, *args, "--fail-on-regression", "--no-history")
+    assert code == 2 and "--no-history" in text
+
+
+def test_exit_5_is_never_taken_over_a_failed_model_and_needs_the_flag():
+    payload = {"history_note": "the run history could not be used: disk I/O error", "verdicts": None}
+    assert ub.run_exit_code(ub.EXIT_OK, payload, True) == ub.EXIT_HISTORY_UNUSABLE
+    assert ub.run_exit_code(ub.EXIT_MODEL_FAILED, payload, True) == ub.EXIT_MODEL_FAILED
+    assert ub.run_exit_code(ub.EXIT_OK, payload, False) == ub.EXIT_OK
+    judged = {"verdicts": [{"verdict": "regression"}]}
+    assert ub.run_exit_code(ub.EXIT_OK, judged, True) == ub.EXIT_REGRESSION
+    assert ub.run_exit_code(ub.EXIT_OK, {"verdicts": [{"verdict": "no change"}]}, True) == ub.EXIT_OK
