@@ -3460,21 +3460,76 @@ def environment_changes(now: dict, before: dict | None) -> list[str]:
 
 
 def payload_from_report(path: Path) -> dict:
-    """A report JSON (this version's or an earlier one's) with run id, start time and keys filled in."""
+    """A report JSON (this version's, an earlier one's, or the spec's layout) with run id, start time
+    and keys filled in; what could not be taken from it is in payload["import_notes"]."""
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UsageError(f"{path} is not a readable report JSON ({e})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("results"), list):
         raise UsageError(f"{path} is not a vision-bench report: no 'results' list")
-    env = payload.setdefault("environment", {})
+    notes = payload.setdefault("import_notes", [])
+    payload["results"] = [report_row(raw, i, path, notes) for i, raw in enumerate(payload["results"], 1)]
+    payload["results"] = [r for r in payload["results"] if r is not None]
+    if not isinstance(payload.get("environment"), dict):
+        notes.append(f"no environment: the host is taken as this machine's ({socket.gethostname()}), library "
+                     f"versions are unknown")
+        payload["environment"] = {"device": payload.get("device")}
+    env = payload["environment"]
     env.setdefault("hostname", socket.gethostname())  # reports before run ids: the importing host's
     payload.setdefault("run_id", str(uuid.uuid5(uuid.NAMESPACE_URL, hashlib.sha256(path.read_bytes()).hexdigest())))
-    stamp = payload.get("timestamp") or "19700101_000000"
-    payload.setdefault("started_at", datetime.strptime(stamp, TIMESTAMP_FORMAT).isoformat())
+    payload.setdefault("started_at", report_start(payload.get("timestamp"), path, notes))
     payload.setdefault("machine_key", machine_key(env))
     payload.setdefault("complete", True)  # reports before the flag were written by finished runs
     return payload
+
+
+def report_start(stamp: Any, path: Path, notes: list[str]) -> str:
+    """A report's start time from its timestamp, else (noted) the file's modification time."""
+    with contextlib.suppress(TypeError, ValueError):
+        return datetime.strptime(stamp or "19700101_000000", TIMESTAMP_FORMAT).isoformat()
+    notes.append(f"timestamp {stamp!r} is not {TIMESTAMP_FORMAT}: the file's modification time is used")
+    return datetime.fromtimestamp(path.stat().st_mtime).isoformat()
+
+
+def registry_class(name: str) -> type[ModelBenchmark] | None:
+    """The registry's model for a name in a report: display, short or class name, any case or punctuation."""
+    def plain(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower()).removesuffix("benchmark")
+
+    wanted = plain(name)
+    return next((c for c in MODEL_REGISTRY if wanted in {plain(c.MODEL_NAME), plain(c.SHORT_NAME), plain(c.__name__)}),
+                None)
+
+
+SPEC_LAYOUT_NOTE = ("rows in the spec's layout: image names, preprocessing and postprocessing times, per-run memory "
+                    "and the machine's details are not in them; images are numbered in their order, run 1 is cold")
+
+
+def report_row(raw: Any, index: int, path: Path, notes: list[str]) -> dict | None:
+    """One row of a report: this program's as it is; the spec's layout (no class_name, no status)
+    mapped to the registry, as ok, its samples split by image (cold first); None when left out."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_name") or raw.get("class_name"), str):
+        raise UsageError(f"{path} is not a benchmark report: result {index} names no model_name")
+    if "class_name" in raw and "status" in raw:
+        return raw
+    cls = registry_class(raw.get("class_name") or raw["model_name"])
+    if cls is None:
+        notes.append(f"model {raw['model_name']!r} is not one of this program's models: its row was left out")
+        return None
+    times = [float(t) for t in raw.get("inference_times_sec") or [] if isinstance(t, (int, float))]
+    per_image = int(raw.get("num_runs_per_image") or len(times) or 1)
+    runs = [{"image": f"image {i // per_image + 1}", "run": i % per_image + 1, "inference_sec": t}
+            for i, t in enumerate(times)]
+    warm = [r["inference_sec"] for r in runs if r["run"] > 1]
+    if not times and not raw.get("runs"):
+        notes.append(f"{cls.MODEL_NAME}: no inference_times_sec: averages only, no samples to test against")
+    if SPEC_LAYOUT_NOTE not in notes:
+        notes.append(SPEC_LAYOUT_NOTE)
+    derived = {"runs": runs, "cold_inference_sec": times[0] if times else None, "warm_samples": len(warm),
+               "warm_median_sec": float(np.median(warm)) if warm else None}
+    return {**derived, **raw, "reported_model_name": raw["model_name"], "model_name": cls.MODEL_NAME,
+            "class_name": cls.__name__, "short_name": cls.SHORT_NAME, "status": raw.get("status", "ok")}
 
 
 class HistoryStore:
@@ -3635,13 +3690,30 @@ def import_reports(store: HistoryStore, folder: Path) -> tuple[int, int]:
     if not folder.is_dir():
         raise UsageError(f"--import-reports {folder}: not a folder")
     added = present = 0
+    unreadable = []
     for path in sorted(folder.glob("benchmark_results_*.json")):
-        payload = payload_from_report(path)
+        try:
+            payload = read_report(path)
+        except UsageError as e:
+            log(f"Not imported: {e}", "WARNING")
+            unreadable.append(path.name)
+            continue
         if store.add_run(payload, f"import:{path}"):
             added += 1
         else:
             present += 1
+    if unreadable:
+        raise UsageError(f"--import-reports {folder}: imported {added} ({present} already there); {len(unreadable)} "
+                         f"file(s) are not reports and were left out: {', '.join(unreadable)}")
     return added, present
+
+
+def read_report(path: Path) -> dict:
+    """payload_from_report, with what it could not take from the file on the console."""
+    payload = payload_from_report(path)
+    for note in payload["import_notes"]:
+        log(f"{path.name}: {note}", "IMPORT")
+    return payload
 
 
 # --------------------------------------------------------------------------------------
@@ -3913,7 +3985,7 @@ def load_run(ref: str, history: Path | None) -> dict:
     """--compare's A or B: a report JSON file, or a run id in the history store."""
     path = Path(ref)
     if path.is_file():
-        return payload_from_report(path)
+        return read_report(path)
     if history is not None and history.is_file():
         store = HistoryStore(history)
         try:
@@ -5166,7 +5238,7 @@ def run_tool(args: argparse.Namespace) -> int:
         atomic_write_text(path, "\n".join(lines) + "\n")
         log(f"Comparison written to {path}")
         return EXIT_OK
-    payloads = [payload_from_report(Path(f)) for f in args.merge]
+    payloads = [read_report(Path(f)) for f in args.merge]
     for path in write_merged_report(payloads, [run_label(p) for p in payloads], output_dir / "results", stamp):
         log(f"Merged report written to {path}")
     return EXIT_OK

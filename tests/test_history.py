@@ -352,3 +352,75 @@ def test_exit_5_is_never_taken_over_a_failed_model_and_needs_the_flag():
     judged = {"verdicts": [{"verdict": "regression"}]}
     assert ub.run_exit_code(ub.EXIT_OK, judged, True) == ub.EXIT_REGRESSION
     assert ub.run_exit_code(ub.EXIT_OK, {"verdicts": [{"verdict": "no change"}]}, True) == ub.EXIT_OK
+
+
+def spec_layout_report(folder: Path, stamp: str, scale: float, names=("YOLO11n-Detect", "Depth-Anything-V2-Small")) -> Path:
+    """A report with the spec's keys only (its generate_reports), as the spec's own script writes it."""
+    rng = np.random.default_rng(int(scale * 100))
+    results = []
+    for name in names:
+        times = [0.9 * scale] + list(0.1 * scale * (1 + 0.01 * rng.standard_normal(4)))  # image 1: cold first
+        times += [0.2 * scale] + list(0.1 * scale * (1 + 0.01 * rng.standard_normal(4)))  # image 2
+        avg, std = float(np.mean(times)), float(np.std(times))
+        results.append({"model_name": name, "load_time_sec": 1.5, "inference_times_sec": times,
+                        "avg_inference_sec": avg, "std_inference_sec": std, "min_inference_sec": min(times),
+                        "max_inference_sec": max(times), "fps_avg": 1 / avg, "fps_std": std / avg / avg,
+                        "mem_before_mb": 500.0, "mem_after_load_mb": 620.0, "mem_peak_mb": 700.0,
+                        "mem_after_cleanup_mb": 560.0, "total_params": 2_624_080, "total_layers_dissected": 181,
+                        "num_images": 2, "num_runs_per_image": 5, "input_size": 640, "device": "cuda"})
+    path = folder / f"benchmark_results_{stamp}.json"
+    path.write_text(json.dumps({"timestamp": stamp, "total_execution_time_sec": 42.0, "device": "cuda",
+                                "random_seed": 42, "num_inference_runs": 5, "results": results}, indent=2))
+    return path
+
+
+def test_reports_in_the_specs_layout_are_imported_compared_and_merged(tmp_path, capsys):
+    reports = tmp_path / "spec"
+    reports.mkdir()
+    a = spec_layout_report(reports, "20260101_030000", 1.0, names=("YOLO11n-Detect", "Depth-Anything-V2-Small",
+                                                                   "ResNet-50"))
+    b = spec_layout_report(reports, "20260102_030000", 1.3)
+    history = tmp_path / "h.sqlite"
+    code, text = run_main(capsys, "--import-reports", reports, "--history", history)
+    assert code == 0, text
+    assert "Imported 2 report(s)" in text and "'ResNet-50' is not one of this program's models" in text
+    assert "spec's layout" in text
+    store = ub.HistoryStore(history)
+    try:
+        (run_id,) = [r[0] for r in store.db.execute("SELECT run_id FROM runs WHERE timestamp='20260101_030000'")]
+        payload = store.payload(run_id)
+    finally:
+        store.close()
+    assert [(r["class_name"], r["status"]) for r in payload["results"]] == [
+        ("YOLO11nDetectBenchmark", "ok"), ("DepthAnythingV2SmallBenchmark", "ok")]
+    runs = payload["results"][0]["runs"]
+    assert [(r["image"], r["run"]) for r in runs[:6]] == [("image 1", 1), ("image 1", 2), ("image 1", 3),
+                                                          ("image 1", 4), ("image 1", 5), ("image 2", 1)]
+    assert runs[0]["inference_sec"] == 0.9 and payload["results"][0]["cold_inference_sec"] == 0.9
+
+    code, text = run_main(capsys, "--compare", a, b, "--output-dir", tmp_path, "--no-history")
+    assert code == 0, text
+    (comparison,) = (tmp_path / "results").glob("comparison_*.md")
+    line = next(row for row in comparison.read_text().splitlines() if row.startswith("| YOLO11n-Detect"))
+    cells = [c.strip() for c in line.split("|")]
+    assert 1.25 < float(cells[4]) < 1.35 and cells[6] == "slower"  # 8 warm runs each, 30% slower: significant
+    code, text = run_main(capsys, "--merge", a, b, "--output-dir", tmp_path)
+    assert code == 0, text
+    merged = next((tmp_path / "results").glob("merged_report_*.md")).read_text()
+    speedup = next(row for row in merged.split("## Speed-up vs M1")[1].splitlines() if "DepthAnythingV2-Small" in row)
+    assert 0.74 < float(speedup.split("|")[3].strip().rstrip("x")) < 0.80
+
+
+@pytest.mark.parametrize("content, says", [
+    ("[1, 2, 3]", "no 'results' list"),
+    ('{"results": "none"}', "no 'results' list"),
+    ('{"results": [42]}', "names no model_name"),
+    ('{"results": [{"load_time_sec": 1}]}', "names no model_name"),
+    ("{not json", "not a readable report JSON"),
+])
+def test_json_that_is_not_a_report_is_exit_2_with_the_file_named(tmp_path, capsys, content, says):
+    path = tmp_path / "benchmark_results_20260101_000000.json"
+    path.write_text(content)
+    for args in (["--merge", path], ["--compare", path, path], ["--import-reports", tmp_path]):
+        code, text = run_main(capsys, *args, "--output-dir", tmp_path, "--history", tmp_path / "h.sqlite")
+        assert code == 2 and says in text and path.name in text and "Traceback" not in text, (args, text)
