@@ -24,11 +24,12 @@ Sections, in dependency order:
     The base class            ModelBenchmark: everything the models share
     The eight models          one subclass each, and MODEL_REGISTRY
     One model's benchmark     the phases of one model, run inside its worker
+    Progress journal          each finished row fsync'd at once; a dead run's rows read back
     The runner                worker processes, supervised: crashes, timeouts, signals
     History and verdicts      SQLite run history, regression verdicts, comparison
     Reports and plots         JSON, CSV, Markdown, plots
     Executors                 the suite here (local) or on a Ray cluster
-    CLI and main              options, preflight, lock, main()
+    CLI and main              options, preflight, lock, recovery of dead runs, main()
 """
 
 from __future__ import annotations
@@ -4765,7 +4766,7 @@ def build_parser() -> ArgumentParser:
                                    "Exit codes: 0 ok, 1 a model failed, crashed or timed out, 2 usage or input problem, "
                                    "3 another run holds the output folder, 4 a regression with "
                                    "--fail-on-regression, 5 the history unusable with --fail-on-regression, "
-                                   "130/143 interrupted.")
+                                   "130 interrupted (Ctrl-C), 143 terminated (SIGTERM).")
     parser.add_argument("--models", help="comma-separated model names or class names (default: all eight)")
     parser.add_argument("--images", type=Path, help="folder of .jpg/.jpeg/.png images (default: test_data/)")
     parser.add_argument("--runs", type=positive_int, default=NUM_INFERENCE_RUNS,

@@ -1,6 +1,7 @@
 """Run history, verdicts, comparison, merge and plots: seeded simulations and real runs."""
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -128,7 +129,7 @@ def nightly(tmp_path_factory):
     out = root / "out"
     codes, texts = [], []
     for night in range(6):
-        hogs = [start_hog(i) for i in range(4 if night >= 4 else 0)]  # two per core: a steady slowdown
+        hogs = [start_hog(i) for i in range(2 * len(os.sched_getaffinity(0)) if night >= 4 else 0)]  # two per core
         try:
             time.sleep(1.0 if hogs else 0)
             proc = subprocess.run([sys.executable, str(Path(ub.__file__)), *RUN, "--images", str(images),
