@@ -3072,11 +3072,29 @@ def worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+RANDOM_CACHE_ENV = "VISION_BENCH_CACHE"  # where built random checkpoints are kept (default ~/.cache/vision-bench)
+
+
+def random_checkpoint_cache(cls: type[ModelBenchmark]) -> Path:
+    """The cached seeded random checkpoint of a model: named by everything the build depends on
+    (this program's text, the seed, the library versions), so a change builds afresh."""
+    base = os.environ.get(RANDOM_CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vision-bench"
+    depends = json.dumps([RANDOM_SEED, package_version("ultralytics"), torch.__version__,
+                          os.environ.get(REDUCED_CONFIG_ENV)])
+    key = hashlib.sha256(SCRIPT_PATH.read_bytes() + depends.encode()).hexdigest()
+    return Path(base) / f"{cls.__name__}-random-{key[:16]}.pt"
+
+
 def prepare_random_checkpoint(cls: type[ModelBenchmark], weights: str, work_dir: Path) -> Path | None:
-    """Seeded random weights for a model whose builder runs a forward, built and saved by a
-    short-lived process and then loaded like a pretrained checkpoint."""
+    """Seeded random weights for a model whose builder runs a forward: built and saved by a
+    short-lived process (once: later runs take the cached file) and loaded like a pretrained checkpoint."""
     if weights != "random" or not cls.RANDOM_BUILD_RUNS_FORWARD:
         return None
+    cached = random_checkpoint_cache(cls)
+    if cached.is_file():
+        log(f"Seeded random weights from the cache {cached} (built by a short-lived process in an earlier run; "
+            f"the benchmarked process loads the checkpoint)", "LOAD")
+        return cached
     path = work_dir / f"{cls.__name__}-random.pt"
     start = time.perf_counter()
     proc = subprocess.run(this_program("--build-random", cls.__name__, str(path)), capture_output=True,
@@ -3086,6 +3104,16 @@ def prepare_random_checkpoint(cls: type[ModelBenchmark], weights: str, work_dir:
         raise BenchError(f"building seeded random weights for {cls.__name__} failed (exit {proc.returncode}): {tail}")
     log(f"Seeded random weights built and saved by a short-lived process in {time.perf_counter() - start:.2f}s "
         f"(the builder runs a forward; the benchmarked process loads the checkpoint)", "LOAD")
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    try:  # whole or not at all: a torn cache file would be loaded by every later run
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, cached)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        log(f"The random checkpoint could not be cached in {cached.parent} ({e.strerror or e}): later runs build "
+            f"it again (set {RANDOM_CACHE_ENV} to a writable folder)", "WARNING")
     return path
 
 

@@ -11,12 +11,15 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["YOLO_VERBOSE"] = "False"
 os.environ["VISION_BENCH_REDUCED_CONFIG"] = "1"
+# Built random checkpoints are shared by the session's runs (as by a user's), never the user's cache.
+os.environ["VISION_BENCH_CACHE"] = tempfile.mkdtemp(prefix="vision-bench-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -111,3 +114,7 @@ def read_until(proc, pattern: str, lines: list[str], timeout: float = 120) -> re
             return match
     proc.kill()
     pytest.fail(f"never saw {pattern!r}:\n{''.join(lines)}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["VISION_BENCH_CACHE"], ignore_errors=True)

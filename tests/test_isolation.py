@@ -113,7 +113,23 @@ def test_no_model_forward_before_the_cold_run_random_weights(tmp_path, one_image
         assert row["module_calls_before_cold_run"] == 0, row["class_name"]
         assert row["downloaded"] is False and row["download_sec"] >= 0
         assert row["runtime_init_sec"] > 0 and row["import_sec"] > 0 and row["load_time_sec"] > 0
-    assert text.count("Seeded random weights built and saved by a short-lived process") == 3  # the YOLO models
+    # The three YOLO models' builder ran in a short-lived process: now, or in an earlier run of the session.
+    assert (text.count("Seeded random weights built and saved by a short-lived process")
+            + text.count("Seeded random weights from the cache")) == 3
+
+
+def test_random_checkpoints_are_built_once_and_cached_whole(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(ub.RANDOM_CACHE_ENV, str(tmp_path / "cache"))
+    cls = ub.YOLO11nPoseBenchmark
+    first = ub.prepare_random_checkpoint(cls, "random", tmp_path)
+    assert "built and saved by a short-lived process" in capsys.readouterr().out
+    second = ub.prepare_random_checkpoint(cls, "random", tmp_path)
+    assert "from the cache" in capsys.readouterr().out
+    assert second == ub.random_checkpoint_cache(cls) and second.read_bytes() == first.read_bytes()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [second.name]  # no temporary file left
+    monkeypatch.setenv(ub.REDUCED_CONFIG_ENV, "0")  # anything the build depends on: another file
+    assert ub.random_checkpoint_cache(cls) != second
+    assert ub.prepare_random_checkpoint(cls, "pretrained", tmp_path) is None
 
 
 def test_no_model_forward_before_the_cold_run_pretrained_weights(tmp_path, one_image_dir, capsys):
