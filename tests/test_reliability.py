@@ -210,7 +210,7 @@ def test_each_worker_measures_memory_against_its_own_baseline(tmp_path, one_imag
 
 def start_run(tmp_path, *extra):
     return subprocess.Popen([sys.executable, str(REPO / "unified_benchmark.py"), "--weights", "random",
-                             "--models", "yolo11n-detect,mobilesam", "--runs", "50", "--no-dissect",
+                             "--models", "yolo11n-detect,mobilesam", "--runs", "10", "--no-dissect",
                              "--output-dir", str(tmp_path / "out"), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -232,8 +232,9 @@ def wait_for(proc, needle: str, timeout: float = 120) -> list[str]:
 @pytest.mark.parametrize("signum, code, keep_going", [(signal.SIGTERM, 143, True), (signal.SIGINT, 130, False)])
 def test_signal_stops_within_seconds(tmp_path, one_image_dir, signum, code, keep_going):
     proc = start_run(tmp_path, "--images", str(one_image_dir), *(["--keep-going"] if keep_going else []))
-    lines = wait_for(proc, "[INFER 1/50] bus.jpg | Time", timeout=120)  # YOLO done, MobileSAM under way
-    lines += wait_for(proc, "[INFER 1/50]", timeout=60)
+    lines = wait_for(proc, "[INFER 1/10] bus.jpg | Time", timeout=120)  # YOLO under way
+    lines += wait_for(proc, "started for MobileSAMBenchmark", timeout=120)  # YOLO done
+    lines += wait_for(proc, "[INFER 1/10]", timeout=120)  # MobileSAM under way, 9 runs to go
     worker = int(re.findall(r"Worker process (\d+) started for MobileSAMBenchmark", "".join(lines))[0])
     try:
         sent = time.monotonic()
