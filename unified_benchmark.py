@@ -218,6 +218,11 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; cgroup-pinned cron jobs included)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a whole file or nothing: temporary file in the same folder, fsync, rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -807,9 +812,13 @@ class RunOptions:
                         f"on the CPU, or --device cuda")
 
     def key(self) -> dict:
-        """The options that differ from the defaults (threads when given): part of the history's
-        configuration key, so runs from before these options existed stay comparable."""
-        return {k: v for k, v in asdict(self).items() if v != getattr(RunOptions, k)}
+        """The options that differ from the defaults: part of the history's configuration key, so
+        runs from before these options existed stay comparable. --threads N with N the CPUs this
+        process may use is the default written out, and compares with runs that left it out."""
+        key = {k: v for k, v in asdict(self).items() if v != getattr(RunOptions, k)}
+        if key.get("threads") == usable_cpus():
+            del key["threads"]
+        return key
 
 
 def compiled_graph_count() -> int:
@@ -1204,11 +1213,6 @@ def save_feature_map_npy(tensor: torch.Tensor | np.ndarray, path: Path) -> int:
         tensor = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
     np.save(path, np.ascontiguousarray(tensor[:, :NPY_CHANNELS]))
     return path.stat().st_size
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask; cgroup-pinned cron jobs included)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def lower_thread_priority() -> None:
@@ -3085,9 +3089,11 @@ def random_checkpoint_cache(cls: type[ModelBenchmark]) -> Path:
     return Path(base) / f"{cls.__name__}-random-{key[:16]}.pt"
 
 
-def prepare_random_checkpoint(cls: type[ModelBenchmark], weights: str, work_dir: Path) -> Path | None:
+def prepare_random_checkpoint(cls: type[ModelBenchmark], weights: str, work_dir: Path,
+                              timeout_sec: float | None = None) -> Path | None:
     """Seeded random weights for a model whose builder runs a forward: built and saved by a
-    short-lived process (once: later runs take the cached file) and loaded like a pretrained checkpoint."""
+    short-lived process (once: later runs take the cached file) and loaded like a pretrained
+    checkpoint. A builder past timeout_sec is killed (subprocess.TimeoutExpired)."""
     if weights != "random" or not cls.RANDOM_BUILD_RUNS_FORWARD:
         return None
     cached = random_checkpoint_cache(cls)
@@ -3098,7 +3104,7 @@ def prepare_random_checkpoint(cls: type[ModelBenchmark], weights: str, work_dir:
     path = work_dir / f"{cls.__name__}-random.pt"
     start = time.perf_counter()
     proc = subprocess.run(this_program("--build-random", cls.__name__, str(path)), capture_output=True,
-                          text=True, env=worker_env())
+                          text=True, env=worker_env(), timeout=timeout_sec)
     if proc.returncode != 0 or not path.is_file():
         tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
         raise BenchError(f"building seeded random weights for {cls.__name__} failed (exit {proc.returncode}): {tail}")
@@ -3237,12 +3243,13 @@ def dead_worker_row(cls: type[ModelBenchmark], worker: WorkerProcess, status: st
                       worker_signal=signame, last_peak_rss_mb=peak, last_log_lines=list(worker.lines))
 
 
-def run_in_worker(job: WorkerJob, work_dir: Path, timeout_sec: float | None) -> dict:
-    """One model in a fresh worker process: its row, or a crashed / timed_out row."""
+def run_in_worker(job: WorkerJob, work_dir: Path, timeout_sec: float | None, since: float | None = None) -> dict:
+    """One model in a fresh worker process: its row, or a crashed / timed_out row. The timeout
+    counts from `since` (monotonic: the model's start, its random-weights build included)."""
     cls = job.model_class
     worker = WorkerProcess(job, work_dir / f"{cls.__name__}.job.json")
     log(f"Worker process {worker.proc.pid} started for {cls.__name__}", "WORKER")
-    deadline = None if timeout_sec is None else worker.started + timeout_sec
+    deadline = None if timeout_sec is None else (since or worker.started) + timeout_sec
     try:
         finished = worker.pump(deadline)
         if not finished:
@@ -3274,15 +3281,21 @@ def run_in_process(job: WorkerJob) -> dict:
 
 
 def execute_job(job: WorkerJob, isolation: str, work_dir: Path, timeout_sec: float | None) -> dict:
-    """One model, its random weights prepared, isolated as asked; always a row (interrupts propagate)."""
-    cls = job.model_class
+    """One model, its random weights prepared, isolated as asked; always a row (interrupts propagate).
+    timeout_sec (--model-timeout, process isolation) covers the builder and the worker together."""
+    cls, started = job.model_class, time.monotonic()
     try:
-        checkpoint = prepare_random_checkpoint(cls, job.weights, work_dir)
+        checkpoint = prepare_random_checkpoint(cls, job.weights, work_dir, timeout_sec)
     except BenchError as e:
         log(str(e), "ERROR")
         return status_row(cls, "failed", str(e), ModelProgress(), failed_phase="prepare random weights")
+    except subprocess.TimeoutExpired:
+        message = (f"{cls.__name__}: building its seeded random weights passed --model-timeout {timeout_sec:g}s "
+                   f"and the builder was killed")
+        log(message, "ERROR")
+        return status_row(cls, "timed_out", message, ModelProgress(), failed_phase="prepare random weights")
     job.random_checkpoint = str(checkpoint) if checkpoint else None
-    row = run_in_worker(job, work_dir, timeout_sec) if isolation == "process" else run_in_process(job)
+    row = run_in_worker(job, work_dir, timeout_sec, started) if isolation == "process" else run_in_process(job)
     return {**row, "isolation": isolation}
 
 
@@ -5057,6 +5070,9 @@ def run(args: argparse.Namespace) -> int:
     if on_ray and args.isolation == "none":
         raise UsageError("--isolation none runs the models in this process; on a Ray cluster every model runs in "
                          "a worker on its node: leave out --isolation or --executor ray")
+    if args.model_timeout and args.isolation == "none":
+        raise UsageError("--model-timeout stops a model's worker process, and --isolation none runs the models in "
+                         "this one: leave out one of them")
     if args.fail_on_regression and args.no_history:
         raise UsageError("--fail-on-regression judges against the history, and --no-history turns it off: "
                          "leave out one of them")

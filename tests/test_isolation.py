@@ -302,3 +302,16 @@ def test_segment_masks_from_both_ultralytics_output_layouts(bus_image, cpu):
         results = [bench.postprocess(layout, bus_image) for layout in (outputs, layout_83)]
     for det, masks in results:
         assert len(det) > 0 and masks is not None and masks.shape == (len(det), 640, 640)
+
+
+def test_model_timeout_covers_the_random_weights_build(tmp_path, one_image_dir, capsys, monkeypatch):
+    monkeypatch.setenv(ub.RANDOM_CACHE_ENV, str(tmp_path / "empty-cache"))  # the builder must run
+    code, text = run_main(capsys, "--weights", "random", "--models", "yolo11n-detect", "--runs", "1", "--no-dissect",
+                          "--model-timeout", "0.5", "--images", one_image_dir, "--output-dir", tmp_path / "out")
+    assert code == 1, text
+    (row,) = load_report(tmp_path / "out")["results"]
+    assert row["status"] == "timed_out" and row["failed_phase"] == "prepare random weights"
+    assert "passed --model-timeout 0.5s" in row["error"]
+    code, text = run_main(capsys, "--weights", "random", "--models", "yolo11n-detect", "--isolation", "none",
+                          "--model-timeout", "60", "--images", one_image_dir, "--output-dir", tmp_path / "out")
+    assert code == 2 and "--isolation none" in text

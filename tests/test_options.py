@@ -157,3 +157,11 @@ def test_fp16_reaching_a_cpu_worker_fails_its_row_saying_why(tmp_path, one_image
                        viz_dir=str(tmp_path / "viz"), options={"dtype": "fp16"})
     row = ub.run_model(job, ub.ModelProgress())
     assert row["status"] == "failed" and "--dtype fp16 autocasts on CUDA only" in row["error"], row
+
+
+def test_threads_equal_to_the_usable_cpus_are_the_default_in_the_history_key(monkeypatch):
+    """--threads 2 on a 2-CPU box runs as the default does: the same configuration key."""
+    monkeypatch.setattr(ub, "usable_cpus", lambda: 2)
+    assert ub.RunOptions(threads=2).key() == ub.RunOptions().key() == {}
+    assert ub.RunOptions(threads=1).key() == {"threads": 1}
+    assert ub.RunOptions(threads=2, dtype="bf16", channels_last=True).key() == {"dtype": "bf16", "channels_last": True}
