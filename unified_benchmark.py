@@ -1126,7 +1126,7 @@ def as_feature_map(tensor: torch.Tensor, grids: list[tuple[int, int]]) -> tuple[
 
 GAP_INDEX = 255                  # palette entry of the gaps between channels and the caption strip
 PNG_GAP_PX = 1
-PNG_MIN_BODY_PX = 128           # small maps are enlarged (nearest neighbour) to at least this width ...
+PNG_MIN_BODY_PX = 128           # maps (each channel) narrower are enlarged (nearest neighbour) to this width ...
 PNG_MAX_SCALE = 8                # ... by at most this factor,
 PNG_MIN_WIDTH_PX = 256           # on a canvas at least this wide, so the caption fits
 CAPTION_LINE_PX = 11
@@ -1183,10 +1183,11 @@ def caption_font() -> ImageFont.ImageFont:
     return ImageFont.load_default_imagefont()
 
 
-def palette_image(indices: np.ndarray, caption: list[str]) -> Image.Image:
-    """Palette indices as a viridis PNG image, enlarged when small, with a caption strip above;
-    the canvas is widened (not the map enlarged further) where the caption needs room."""
-    scale = min(PNG_MAX_SCALE, max(1, math.ceil(PNG_MIN_BODY_PX / indices.shape[1])))
+def palette_image(indices: np.ndarray, caption: list[str], map_width_px: int | None = None) -> Image.Image:
+    """Palette indices as a viridis PNG image, enlarged when one map (a channel of the grid,
+    map_width_px wide; default the whole image) is small, with a caption strip above; the
+    canvas is widened (not the map enlarged further) where the caption needs room."""
+    scale = min(PNG_MAX_SCALE, max(1, math.ceil(PNG_MIN_BODY_PX / (map_width_px or indices.shape[1]))))
     body = indices.repeat(scale, 0).repeat(scale, 1) if scale > 1 else indices
     top = CAPTION_LINE_PX * len(caption) + 2
     width = max(body.shape[1], PNG_MIN_WIDTH_PX)
@@ -1203,7 +1204,7 @@ def save_feature_map_png(tensor: torch.Tensor | np.ndarray, path: Path, caption:
     """Save the first 16 channels of batch item 0 as a captioned viridis PNG grid; returns bytes written."""
     if isinstance(tensor, torch.Tensor):
         tensor = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
-    palette_image(feature_grid(tensor[0]), caption or []).save(path, **PNG_SAVE_OPTIONS)
+    palette_image(feature_grid(tensor[0]), caption or [], tensor.shape[-1]).save(path, **PNG_SAVE_OPTIONS)
     return path.stat().st_size
 
 
@@ -1912,18 +1913,20 @@ class ModelBenchmark(ABC):
                            fix=f"download {repo_id} into the Hugging Face cache on a connected machine, or use --weights random")
 
     @contextlib.contextmanager
-    def _weight_file_guard(self, path: Path):
-        """Loading errors of an existing weight file become an actionable WeightFileError."""
-        existed = path.is_file()
+    def _weight_file_guard(self, path: Path, hub_repo: str | None = None):
+        """Loading errors of an existing weight file (or a hub model's cache folder) become an
+        actionable WeightFileError."""
+        existed = path.exists()
         try:
             yield
         except Exception as e:
             if not existed or is_out_of_memory(e):
                 raise
-            raise WeightFileError(
-                f"{type(self).__name__}: could not load weight file {path} ({type(e).__name__}: {e}). "
-                f"It is probably truncated or not a checkpoint: delete it so it downloads again, or replace it."
-            ) from e
+            what = f"the Hugging Face cache of {hub_repo}, {path}" if hub_repo else f"weight file {path}"
+            fix = ("delete that folder (or run `hf cache delete`) so it downloads again" if hub_repo else
+                   "delete it so it downloads again, or replace it")
+            raise WeightFileError(f"{type(self).__name__}: could not load {what} ({type(e).__name__}: {e}). "
+                                  f"It is probably truncated or not a checkpoint: {fix}.") from e
 
 
 def stored_dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -1955,6 +1958,13 @@ def hub_checkpoint_dtype(repo_id: str) -> str | None:
         return None
     counts = collections.Counter(v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES)
     return SAFETENSORS_DTYPES[counts.most_common(1)[0][0]] if counts else None
+
+
+def hub_cache_folder(repo_id: str) -> Path:
+    """A hub model's folder in the local Hugging Face cache (whether or not it is there)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
 
 
 def hub_cached(repo_id: str) -> bool:
@@ -2012,8 +2022,9 @@ class HFDepthBenchmark(ModelBenchmark):
         # transformers 5 loads weights in their stored dtype by default: ask for float32, so a
         # checkpoint stored in half precision is not measured in it (--dtype autocasts instead).
         dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        return model_class.from_pretrained(self.MODEL_ID, local_files_only=True, **{dtype_key: torch.float32},
-                                           **self.MODEL_KWARGS)
+        with self._weight_file_guard(hub_cache_folder(self.MODEL_ID), hub_repo=self.MODEL_ID):
+            return model_class.from_pretrained(self.MODEL_ID, local_files_only=True, **{dtype_key: torch.float32},
+                                               **self.MODEL_KWARGS)
 
     def _build_random(self) -> torch.nn.Module:
         import transformers

@@ -89,7 +89,7 @@ def test_png_grid_layout_palette_gaps_and_caption(tmp_path):
     assert png.mode == "P" and png.getpalette()[:3] == ub.viridis_palette()[:3]
     assert png.getpalette()[3 * 254:3 * 256] == ub.viridis_palette()[3 * 254:3 * 256]
     grid, scale = grid_of(png, 4, 4, 8)
-    assert scale == 4  # 35 px wide maps become 140 px, on a 256 px canvas for the caption
+    assert scale == 8  # each 8 px channel map is enlarged by the most allowed, 8x (128 px would need 16x)
     assert np.load(folder / "layer_001.npy").shape == (1, 8, 8, 8)  # first 8 channels, unchanged
     tile = grid[:8 * scale, :8 * scale]
     assert tile.min() == 0 and tile.max() == 254  # each channel min-max normalised on its own
@@ -103,6 +103,15 @@ def test_png_grid_layout_palette_gaps_and_caption(tmp_path):
     assert overview.mode == "P" and overview.getpalette()[:6] == ub.viridis_palette()[:6]
 
 
+@pytest.mark.parametrize("side, scale", [(40, 4), (20, 7), (128, 1), (200, 1)])
+def test_small_maps_are_enlarged_by_their_own_width_not_the_grids(tmp_path, side, scale):
+    """16 channels of side x side: each map (not the 4-wide grid) is brought to 128 px, at most 8x."""
+    path = tmp_path / "m.png"
+    ub.save_feature_map_png(np.random.default_rng(0).random((1, 16, side, side), dtype=np.float32), path, ["a", "b"])
+    grid_of(Image.open(path), 4, 4, side)  # the layout, and the canvas beyond it blank
+    assert grid_of(Image.open(path), 4, 4, side)[1] == scale
+
+
 def test_caption_names_the_layer(tmp_path):
     """The caption's text as drawn, compared with a caption drawn from the metadata."""
     summary, folder = dissect(tmp_path, "single-pass")
@@ -110,7 +119,7 @@ def test_caption_names_the_layer(tmp_path):
     expected = ["#3 conv2 (call 1)",
                 f"Conv2d 1x6x8x8 [{ub.fmt(layer['min'], '.3g')}, {ub.fmt(layer['max'], '.3g')}]"]
     drawn = np.asarray(Image.open(folder / "layer_003.png"))
-    again = np.asarray(ub.palette_image(ub.feature_grid(np.load(folder / "layer_003.npy")[0]), expected))
+    again = np.asarray(ub.palette_image(ub.feature_grid(np.load(folder / "layer_003.npy")[0]), expected, 8))
     top = 2 * ub.CAPTION_LINE_PX + 2
     assert np.array_equal(drawn[:top], again[:top])
 
