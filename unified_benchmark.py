@@ -2709,18 +2709,19 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
                 log(f"Weights downloaded in {download_sec:.2f}s (not counted in the load time)", "LOAD")
             log(f"Loading model to {device} ({job.weights} weights, local files only)...", "LOAD")
             load_time_sec, _ = timed_phase(progress, "load", device, bench.load)
-        after_load = get_memory_usage(device)
-        log(f"Model loaded successfully in {load_time_sec:.2f}s from {bench.weight_source}", "LOAD")
-        log(f"{label} after load: {headline_mb(after_load, device):.0f} MB "
-            f"(delta: +{headline_mb(after_load, device) - headline_mb(before, device):.0f} MB)", "MEMORY")
-        first_image = decode_image(Path(job.images[0]))
-        compiled = {}
-        if options.compile:
-            images = [first_image] + [decode_image(Path(p)) for p in job.images[1:]]
-            compiled = timed_phase(progress, "compile", device, lambda: bench.compile(images))[1]
-            log(f"torch.compile ({options.compile}): {compiled['compile_calls']} call(s) over "
-                f"{compiled['compile_shapes']} input shape(s) in {compiled['compile_sec']:.2f}s, "
-                f"{compiled['compiled_graphs']} graph(s); not latency samples", "COMPILE")
+            after_load = get_memory_usage(device)
+            log(f"Model loaded successfully in {load_time_sec:.2f}s from {bench.weight_source}", "LOAD")
+            log(f"{label} after load: {headline_mb(after_load, device):.0f} MB "
+                f"(delta: +{headline_mb(after_load, device) - headline_mb(before, device):.0f} MB)", "MEMORY")
+            first_image = decode_image(Path(job.images[0]))
+            calls_before_compile, compiled = calls.count, {}
+            if options.compile:  # its calls are forwards before the cold run, by design: counted apart
+                images = [first_image] + [decode_image(Path(p)) for p in job.images[1:]]
+                compiled = timed_phase(progress, "compile", device, lambda: bench.compile(images))[1]
+                log(f"torch.compile ({options.compile}): {compiled['compile_calls']} call(s) over "
+                    f"{compiled['compile_shapes']} input shape(s) in {compiled['compile_sec']:.2f}s, "
+                    f"{compiled['compiled_graphs']} graph(s); not latency samples", "COMPILE")
+            compiled["module_calls_in_compile"] = calls.count - calls_before_compile if options.compile else None
         gpu_before = gpu.state()
         with HostActivity() as host:
             runs = timed_runs(bench, job, progress)
@@ -2761,6 +2762,7 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         **options_fields(options),
         "compile_sec": compiled.get("compile_sec"),
         "compile_calls": compiled.get("compile_calls"),
+        "module_calls_in_compile": compiled.get("module_calls_in_compile"),
         "recompilations": bench_recompilations,
         "inference_times_sec": [r["inference_sec"] for r in runs],
         **stats,
@@ -3789,7 +3791,7 @@ EXTRA_CSV_COLUMNS = [
     "dissect_bytes_written", "failed_phase", "failed_image", "worker_signal", "error",
     "dtype", "channels_last", "compile_mode", "fuse", "threads", "interop_threads", "cpu_affinity", "compile_sec",
     "recompilations", "gflops", "achieved_tflops", "peak_tflops", "mfu", "energy_j_per_inference", "power_mean_w",
-    "warm_median_event_sec", "compile_calls", "peak_precision", "checkpoint_dtype", "weights_dtype", "nvml",
+    "warm_median_event_sec", "compile_calls", "module_calls_in_compile", "peak_precision", "checkpoint_dtype", "weights_dtype", "nvml",
     "gpu_own_process", "layer_timing",
 ]
 

@@ -193,6 +193,7 @@ def test_yolo11n_detect_every_call_of_the_shared_silu(tmp_path, bus_image, cpu):
     silu = [l for l in summary["layers"] if l["type"] == "SiLU"]
     assert len({l["name"] for l in silu}) < len(silu)  # one module object, many calls
     assert [l["call"] for l in silu if l["name"] == silu[0]["name"]] == list(range(1, len(silu) + 1))
+    assert len(silu) == 77  # the README's figure for detect
     meta = json.dumps(summary)  # JSON-safe: no NaN
     assert "NaN" not in meta
 

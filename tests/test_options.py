@@ -88,6 +88,9 @@ def test_compile_on_the_cpu(tmp_path, one_image_dir, capsys):
     assert len(row["inference_times_sec"]) == 3 and row["warm_samples"] == 2
     assert isinstance(row["recompilations"], int) and row["recompilations"] >= 0
     assert row["compile_sec"] > row["cold_inference_sec"]
+    # The counter stays open through the compile: its calls are all the calls before the cold run.
+    assert row["module_calls_in_compile"] > 0
+    assert row["module_calls_before_cold_run"] == row["module_calls_in_compile"]
 
 
 def test_fp16_on_the_cpu_is_a_usage_error(tmp_path, one_image_dir, capsys):
