@@ -1994,7 +1994,7 @@ class HFDepthBenchmark(ModelBenchmark):
         return f"huggingface:{self.MODEL_ID}"
 
     def requirements(self) -> list[Requirement]:
-        needs = [self._module_requirement("transformers", "'transformers>=4.50'")]
+        needs = [self._module_requirement("transformers", "'transformers>=4.53'")]
         if self.weights == "pretrained" and needs[0].present:  # the cache check needs huggingface_hub
             needs.append(self._hub_requirement(self.MODEL_ID))
         return needs

@@ -173,5 +173,24 @@ def test_parts_fit_the_budget_and_parse(tmp_path):
     for part in parts:
         if part.name != "planted":
             args = cc.ub.build_parser().parse_args(cc.program_command(part, tmp_path, part.budget_sec)[2:])
-            assert args.model_timeout < part.budget_sec and args.keep_going and args.weights == "random"
+            in_process = args.isolation == "none"  # no worker to stop: the part's budget bounds it
+            assert (args.model_timeout is None) if in_process else args.model_timeout < part.budget_sec
+            assert args.keep_going and args.weights == "random"
     assert cc.TOTAL_BUDGET_SEC < 360 - 15  # room for the wheel install and interpreter start
+
+
+def test_every_part_is_a_command_line_the_program_accepts(tmp_path, monkeypatch, capsys):
+    """Each part's options, through the program's parser and its usage checks (which run before
+    any model: a clash such as --model-timeout with --isolation none is exit 2 right away)."""
+    import unified_benchmark as ub
+
+    monkeypatch.setattr(cc, "asset_images", lambda: tmp_path / "no-images")
+    for part in cc.plan_parts("all"):
+        if part.name == "planted":
+            continue
+        argv = cc.program_command(part, tmp_path / "out", 100)[2:]
+        code = ub.main(argv)
+        text = capsys.readouterr().out
+        # The only complaints allowed here: no CUDA on this machine, or the missing image folder
+        # (both checked after the options and their combinations).
+        assert code == ub.EXIT_USAGE and ("CUDA is not available" in text or "no-images" in text), (part.name, text)

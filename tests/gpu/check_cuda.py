@@ -379,9 +379,11 @@ def asset_images() -> Path:
 def program_command(part: Part, out: Path, timeout_sec: float) -> list[str]:
     models = ("--models", part.models) if part.models else ()
     runs = () if "--runs" in part.args else ("--runs", RUNS)
+    # --model-timeout stops a worker process: with --isolation none the part's budget bounds it.
+    limit = () if "none" in part.args else (
+        "--model-timeout", f"{model_timeout_sec(part.model_limit_sec, timeout_sec):.0f}")
     return [sys.executable, str(REPO / "unified_benchmark.py"), "--weights", "random", "--keep-going", "--no-history",
-            "--images", str(asset_images()), "--output-dir", str(out), "--model-timeout",
-            f"{model_timeout_sec(part.model_limit_sec, timeout_sec):.0f}", *runs, *models, *part.args]
+            "--images", str(asset_images()), "--output-dir", str(out), *limit, *runs, *models, *part.args]
 
 
 def newest_report(out: Path) -> dict | None:
