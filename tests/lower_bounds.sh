@@ -22,7 +22,11 @@ for line in open(sys.argv[1]):
     assert Version(Version(got).public) == Version(version), f"{name}: {got} installed, {version} pinned"
     print(f"lower bound {name}=={version}: {got}")
 PY
+# The two tests that judge real timings (quiet nights against busy ones) are left to the main
+# suite: they test the verdict rules, not the libraries, and need the machine to themselves.
 "$env_dir/bin/python" -m pytest -q -p no:cacheprovider tests/test_end_to_end.py tests/test_models.py \
-  tests/test_dissection.py tests/test_history.py
+  tests/test_dissection.py tests/test_history.py \
+  --deselect tests/test_history.py::test_quiet_runs_then_busy_runs_give_suspicious_then_regression \
+  --deselect tests/test_history.py::test_compare_two_real_reports_and_two_run_ids
 echo "lower-bound check passed in $(( $(date +%s) - start )) s"
 rm -rf "$env_dir" "$pins" "$env_dir.log"
