@@ -7,12 +7,16 @@ import subprocess
 
 import pytest
 from PIL import Image
-from conftest import BUS, load_report, ub
+from conftest import BUS, load_report, skip_unless_ci, ub
 
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
 BROWSER = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
-pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium here: apt-get install chromium-headless-shell "
-                                                        "(.ci/run installs it, so CI runs these tests)")
+
+
+@pytest.fixture(autouse=True)
+def a_browser():
+    if BROWSER is None:
+        skip_unless_ci("no Chromium here: apt-get install chromium-headless-shell (.ci/run installs it)")
 
 
 def chromium(*args: str) -> str:

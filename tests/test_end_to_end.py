@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
@@ -120,9 +121,21 @@ def test_no_dissect_writes_no_viz_folder(e2e):
 def test_list_shows_every_model(capsys):
     code, text = run_main(capsys, "--list", "--weights", "random")
     assert code == 0
-    for cls in ub.MODEL_REGISTRY:
-        assert cls.SHORT_NAME in text and cls.__name__ in text
-    assert "yes" in text
+    lines = {line.split()[0]: line for line in text.splitlines() if line.split()}
+    for cls in ub.MODEL_REGISTRY:  # random weights need no file: every model is available
+        line = lines[cls.SHORT_NAME]
+        assert cls.__name__ in line and line.rstrip().endswith(" yes"), line
+
+
+def test_a_timestamp_in_use_is_never_reused(tmp_path):
+    """Reports or a viz folder of this second and the next two: the run takes a later second."""
+    now = datetime.now()
+    stamps = [(now + timedelta(seconds=i)).strftime(ub.TIMESTAMP_FORMAT) for i in range(3)]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / f"benchmark_results_{stamps[0]}.json").write_text("{}")
+    (tmp_path / "results" / f"journal_{stamps[1]}.jsonl").write_text("")
+    (tmp_path / "viz" / stamps[2]).mkdir(parents=True)
+    assert ub.claim_timestamp(tmp_path) > stamps[2]
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import BUS, REPO, load_report, run_cli, run_main, ub, write_yolo_checkpoint
+from conftest import BUS, REPO, load_report, run_cli, run_main, skip_unless_ci, ub, write_yolo_checkpoint
 
 FAST = ["--weights", "random", "--models", "yolo11n-detect", "--runs", "1"]
 
@@ -280,7 +280,7 @@ def tmpfs(tmp_path):
         point.mkdir()
         if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
                           capture_output=True).returncode != 0:
-            pytest.skip("this machine does not allow mounting a tmpfs")
+            skip_unless_ci("this machine does not allow mounting a tmpfs")
         mounts.append(point)
         return point
 
