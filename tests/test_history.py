@@ -352,6 +352,7 @@ def test_exit_5_is_never_taken_over_a_failed_model_and_needs_the_flag():
     assert ub.run_exit_code(ub.EXIT_OK, payload, False) == ub.EXIT_OK
     judged = {"verdicts": [{"verdict": "regression"}]}
     assert ub.run_exit_code(ub.EXIT_OK, judged, True) == ub.EXIT_REGRESSION
+    assert ub.run_exit_code(ub.EXIT_MODEL_FAILED, judged, True) == ub.EXIT_MODEL_FAILED  # a failed model's 1 wins over 4
     assert ub.run_exit_code(ub.EXIT_OK, {"verdicts": [{"verdict": "no change"}]}, True) == ub.EXIT_OK
 
 
