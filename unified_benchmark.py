@@ -184,13 +184,6 @@ def sanitize_layer_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "root"
 
 
-def set_seed(seed: int = RANDOM_SEED) -> None:
-    torch.manual_seed(seed)
-    cuda_seed_all(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
@@ -628,6 +621,14 @@ class GpuMonitor:
 # --------------------------------------------------------------------------------------
 
 
+def set_seed(seed: int = RANDOM_SEED) -> None:
+    """Every random generator a model build or a run may draw from, seeded alike."""
+    torch.manual_seed(seed)
+    cuda_seed_all(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         cuda_synchronize(device)
@@ -819,6 +820,10 @@ class RunOptions:
         if key.get("threads") == usable_cpus():
             del key["threads"]
         return key
+
+
+def options_text(options: RunOptions) -> str:
+    return ", ".join(f"{k}={v}" for k, v in asdict(options).items())
 
 
 def compiled_graph_count() -> int:
@@ -2461,6 +2466,21 @@ def resolve_models(spec: str | None) -> list[type[ModelBenchmark]]:
         raise UsageError("--models is empty: give model names, e.g. --models yolo11n-detect,mobilesam "
                          "(leave the option out for all eight)")
     return chosen
+
+
+def check_requirements(benches: list[ModelBenchmark]) -> dict[str, list[str]]:
+    """Per class name, the problems that stop it (missing and not downloadable)."""
+    needs = {type(b).__name__: b.requirements() for b in benches}
+    hosts = sorted({r.host for rs in needs.values() for r in rs if not r.present and r.host})
+    reachable = host_reachable(hosts) if hosts and network_allowed() else {h: False for h in hosts}
+    problems: dict[str, list[str]] = {}
+    for name, reqs in needs.items():
+        for r in reqs:
+            if r.present or (r.host and reachable[r.host]):
+                continue
+            offline = f" and {r.host} is unreachable" if r.host else ""
+            problems.setdefault(name, []).append(f"{r.kind} {r.name} is missing{offline}: {r.fix}")
+    return problems
 
 
 # --------------------------------------------------------------------------------------
@@ -4912,21 +4932,6 @@ def resolve_device(name: str, on_ray: bool = False) -> torch.device:
     return device
 
 
-def check_requirements(benches: list[ModelBenchmark]) -> dict[str, list[str]]:
-    """Per class name, the problems that stop it (missing and not downloadable)."""
-    needs = {type(b).__name__: b.requirements() for b in benches}
-    hosts = sorted({r.host for rs in needs.values() for r in rs if not r.present and r.host})
-    reachable = host_reachable(hosts) if hosts and network_allowed() else {h: False for h in hosts}
-    problems: dict[str, list[str]] = {}
-    for name, reqs in needs.items():
-        for r in reqs:
-            if r.present or (r.host and reachable[r.host]):
-                continue
-            offline = f" and {r.host} is unreachable" if r.host else ""
-            problems.setdefault(name, []).append(f"{r.kind} {r.name} is missing{offline}: {r.fix}")
-    return problems
-
-
 def preflight(classes: list[type[ModelBenchmark]], args: argparse.Namespace, device: torch.device) -> dict[str, str]:
     """Check every selected model's needs at once; DA-V2 problems become skips (the spec)."""
     benches = [cls(device, args.weights, args.models_dir) for cls in classes]
@@ -5068,10 +5073,6 @@ def run_options(args: argparse.Namespace, device: torch.device, on_ray: bool = F
     if not on_ray:
         options.check(device, UsageError)
     return options
-
-
-def options_text(options: RunOptions) -> str:
-    return ", ".join(f"{k}={v}" for k, v in asdict(options).items())
 
 
 def run(args: argparse.Namespace) -> int:
