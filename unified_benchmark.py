@@ -17,12 +17,12 @@ Sections, in dependency order:
     Constants and logging     exit codes, log(), the errors a user can act on
     Utilities                 images, files, versions
     CUDA and NVML             every torch.cuda and NVML call, and the pure device decisions
-    Timing and memory         clocks, peaks, runtime init, module-call counter, host activity
+    Timing and memory         seeds, clocks, peaks, runtime init, module-call counter, host activity
     Deployment and compute    --dtype/--compile/--fuse/--threads, FLOPs by class, peaks, MFU, energy
     Statistics                pure functions: latency statistics, noise verdicts
     Layer dissection          hooks on every leaf, pictures and arrays, per-layer times
     The base class            ModelBenchmark: everything the models share
-    The eight models          one subclass each, and MODEL_REGISTRY
+    The eight models          one subclass each, MODEL_REGISTRY, what each needs (preflight)
     One model's benchmark     the phases of one model, run inside its worker
     Progress journal          each finished row fsync'd at once; a dead run's rows read back
     The runner                worker processes, supervised: crashes, timeouts, signals

@@ -47,3 +47,14 @@ def test_every_exit_code_is_documented_in_the_readme_and_the_help():
         assert re.search(rf"(^|[;,:\s]){value} ", help_text.split("Exit codes:")[1]), (name, value)
     documented = {int(n) for n in re.findall(r"(?:^|[;,]\s*|\n)(\d+) ", paragraph)}
     assert documented <= set(codes.values()) | {130, 143}, documented
+
+
+def test_the_module_docstring_maps_every_section_in_file_order():
+    source = (REPO / "unified_benchmark.py").read_text(encoding="utf-8")
+    lines = source.splitlines()
+    banners = [lines[i + 1][2:].split(":")[0].strip() for i, line in enumerate(lines[:-2])  # a title between rules
+               if line.startswith("# ---") and lines[i + 2].startswith("# ---") and not lines[i + 1].startswith("# ---")]
+    mapped = [line[4:30].strip() for line in ub.__doc__.split("Sections, in dependency order:")[1].splitlines()
+              if line.startswith("    ")]
+    short = {"Deployment options and compute": "Deployment and compute"}
+    assert [short.get(b, b) for b in banners] == mapped
