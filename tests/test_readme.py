@@ -52,7 +52,7 @@ def test_every_exit_code_is_documented_in_the_readme_and_the_help():
 def test_the_module_docstring_maps_every_section_in_file_order():
     source = (REPO / "unified_benchmark.py").read_text(encoding="utf-8")
     lines = source.splitlines()
-    banners = [lines[i + 1][2:].split(":")[0].strip() for i, line in enumerate(lines[:-2])  # a title between rules
+    banners = [re.split(r"[:(]", lines[i + 1][2:])[0].strip() for i, line in enumerate(lines[:-2])  # a title between rules
                if line.startswith("# ---") and lines[i + 2].startswith("# ---") and not lines[i + 1].startswith("# ---")]
     mapped = [line[4:30].strip() for line in ub.__doc__.split("Sections, in dependency order:")[1].splitlines()
               if line.startswith("    ")]
