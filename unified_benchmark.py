@@ -4352,7 +4352,7 @@ def ray_temp_litter(entries: list[tuple[str, float]], run_tag: str, pid_alive: C
 
 def ray_host_port(address: str) -> tuple[str, int] | None:
     """Host and port of a 'HOST:PORT' Ray address ('[v6]:PORT' too); None for any other form."""
-    match = re.fullmatch(r"\[?([^\[\]\s]+?)\]?:(\d{1,5})", address.strip())
+    match = re.fullmatch(r"\[?([^\[\]\s/]+?)\]?:(\d{1,5})", address.strip())
     return (match[1], int(match[2])) if match else None
 
 
