@@ -4317,6 +4317,7 @@ def placed_row(row: dict, node: FleetNode) -> dict:
 
 
 def planned_device(placement: Placement) -> str:
+    """The device type a placement's task asks for (a row that never ran records it)."""
     return "cuda" if placement.gpu else "cpu"
 
 
@@ -4467,14 +4468,17 @@ def join_cluster(address: str) -> None:
 
     host_port = ray_host_port(address)
     if host_port is None:
-        raise UsageError(f"--ray-address {address}: give the head node's address as HOST:PORT (the port of its "
-                         f"`ray start --head --port`, 6379 by default)")
+        raise UsageError(f"Ray address {address!r} (--ray-address or RAY_ADDRESS): give the head node's address as "
+                         f"HOST:PORT (the port of its `ray start --head --port`, 6379 by default)")
     if problem := tcp_problem(*host_port):
         raise UsageError(f"no Ray cluster answers at {address} (TCP connection: {problem}): check "
                          f"--ray-address (the head node's HOST:PORT) and that `ray start --head` runs there")
-    source = ray_token_source(os.environ, Path.home())
+    source, asked = ray_token_source(os.environ, Path.home()), os.environ.get("RAY_AUTH_MODE")
     set_ray_auth_mode("disabled")
     answer = gcs_answer(address)
+    if answer == "ok" and asked == "token":
+        log(f"RAY_AUTH_MODE=token is set here, but the Ray cluster at {address} does not use token authentication: "
+            f"connecting without a token (a driver must use the cluster's mode)", "WARNING")
     if answer == "auth" and source:
         set_ray_auth_mode("token")
         answer = gcs_answer(address)
@@ -4560,6 +4564,7 @@ def ray_model_task(script: str, images: list, job: dict, timeout: str, run_tag: 
 
 
 def ray_preflight_task(script: str, request: str, run_tag: str) -> dict:
+    """This node's preflight (`--node-preflight`) in a folder of this task's: the models' problems and the node's facts."""
     import json, os, shutil, subprocess, sys, tempfile  # noqa: E401
     import ray
 
@@ -4653,9 +4658,10 @@ class RayFleet:
         if __name__ != "__main__":  # imported (tests, a notebook): ship the task functions by value
             ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every worker line reaches the console as printed
-        requested = self.options.address
-        address = requested if requested != "auto" else os.environ.get("RAY_ADDRESS") or local_cluster_address()
-        found_here = requested == "auto" and not os.environ.get("RAY_ADDRESS")
+        requested, from_env = self.options.address, os.environ.get("RAY_ADDRESS", "").strip()
+        from_env = "" if from_env == "auto" else from_env
+        address = requested if requested != "auto" else from_env or local_cluster_address()
+        found_here = requested == "auto" and not from_env
         if found_here and (address is None or ray_host_port(address) is None or tcp_problem(*ray_host_port(address))):
             log("No running Ray cluster found: starting a local one for this run", "RAY")
             ray.init(resources={RAY_SLOT: 1}, include_dashboard=False, logging_level="ERROR")
@@ -4708,6 +4714,7 @@ class RayFleet:
         return known
 
     def task_options(self, placement: Placement) -> dict:
+        """A model's task: its node's slot (and a GPU), pinned to its node or to the nodes that have the model."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         options: dict[str, Any] = {"max_retries": 0, **ray_task_resources(placement.gpu)}
@@ -4813,6 +4820,7 @@ class RayFleet:
     # -- the run ------------------------------------------------------------------------
 
     def run(self) -> RunOutcome:
+        """Connect, choose nodes, preflight, plan, run; whatever happens, finish() cleans up after."""
         try:
             self.connect()
             import ray

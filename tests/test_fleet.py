@@ -204,24 +204,36 @@ def test_spread_runs_two_models_on_two_nodes_at_once(cluster, tmp_path, one_imag
     assert f"YOLO11n-Detect @ {detect['node_label']}" in md
 
 
-def test_a_worker_killed_on_a_node_is_one_crashed_row(cluster, tmp_path, one_image_dir):
+def test_a_worker_or_a_task_killed_on_a_node_is_a_crashed_row_naming_the_node(cluster, tmp_path, one_image_dir):
+    """spread: MobileSAM's worker is killed (its runner on the node reports it) and YOLO's whole task
+    process is killed (as when its node is lost; the task said which node it runs on as it began).
+    Two crashed rows, each naming its node, and no folder left behind."""
     proc = start_cli("--executor", "ray", "--ray-address", cluster.address, "--weights", "random", "--models",
                      "mobilesam,yolo11n-detect", "--runs", "12", "--no-dissect", "--keep-going",
                      "--images", one_image_dir, "--output-dir", tmp_path)
     lines: list[str] = []
+    started: dict[str, tuple[int, int]] = {}  # model -> (its Ray task's pid, its worker's pid)
     try:
-        pid = int(read_until(proc, r"Worker process (\d+) started for MobileSAMBenchmark", lines).group(1))
-        read_until(proc, r"\[INFER 1/12\] bus.jpg", lines)
-        os.kill(pid, signal.SIGKILL)
+        while len(started) < 2:
+            found = read_until(proc, r"\(ray_model_task pid=(\d+)[^)]*\) \[WORKER\] Worker process (\d+) started "
+                                     r"for (MobileSAM|YOLO11nDetect)Benchmark", lines)
+            started[found.group(3)] = int(found.group(1)), int(found.group(2))
+        os.kill(started["YOLO11nDetect"][0], signal.SIGKILL)
+        read_until(proc, rf"\(ray_model_task pid={started['MobileSAM'][0]}[^)]*\) \[INFER 1/12\] bus.jpg", lines)
+        os.kill(started["MobileSAM"][1], signal.SIGKILL)
         rest, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
-    assert proc.returncode == 1, "".join(lines) + rest
+    text = "".join(lines) + rest
+    assert proc.returncode == 1, text
     sam, yolo = load_report(tmp_path)["results"]
-    assert sam["status"] == "crashed" and sam["worker_signal"] == "SIGKILL" and sam["node_id"]
-    assert sam["failed_phase"] == "inference"
-    assert yolo["status"] == "ok"
-    assert litter(cluster.node_tmp) == []
+    assert sam["status"] == "crashed" and sam["worker_signal"] == "SIGKILL" and sam["failed_phase"] == "inference"
+    assert yolo["status"] == "crashed" and "died: WorkerCrashedError" in yolo["error"], yolo["error"]
+    assert sam["node_label"] and yolo["node_label"] and sam["node_id"] != yolo["node_id"]
+    assert yolo["node_id"][:12] in yolo["error"] and "its node" not in yolo["error"]
+    md = next((tmp_path / "results").glob("benchmark_report_*.md")).read_text(encoding="utf-8")
+    assert f"YOLO11nDetectBenchmark @ {yolo['node_label']}" in md
+    assert litter(cluster.node_tmp) == [], text
 
 
 def test_every_node_one_merged_report_a_column_per_node_even_for_a_killed_task(cluster, tmp_path, one_image_dir):
