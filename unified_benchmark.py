@@ -4828,6 +4828,8 @@ class RayFleet:
             nodes = self.nodes()
             script_ref = ray.put(SCRIPT_PATH.read_text(encoding="utf-8"))
             self.preflight(nodes, script_ref)
+            self.info["nodes"] = [{"node_id": n.node_id, "label": n.label, "device": n.device, "ordinal": n.ordinal,
+                                   "skipped": sorted(n.skips)} for n in nodes]  # ordinal: see node_ordinals
             plan = fleet_plan(self.cfg.models, nodes, self.options.fleet)
             if all(p.skip for p in plan):
                 raise UsageError("every selected model would be skipped on every node; nothing to benchmark "

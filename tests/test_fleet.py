@@ -200,6 +200,7 @@ def test_spread_runs_two_models_on_two_nodes_at_once(cluster, tmp_path, one_imag
     overlap = min(detect["finished_wall"], pose["finished_wall"]) - max(detect["started_wall"], pose["started_wall"])
     assert overlap > 0, "the two models did not run at the same time"
     assert detect["device"] == pose["device"] == "cpu"
+    assert sorted(n["ordinal"] for n in report["nodes"]) == [1, 2]  # two nodes on one host: numbered
     md = next((tmp_path / "results").glob("benchmark_report_*.md")).read_text(encoding="utf-8")
     assert f"YOLO11n-Detect @ {detect['node_label']}" in md
 
