@@ -3440,8 +3440,9 @@ def image_fingerprints(paths: list[Path]) -> list[dict]:
 
 
 def row_machine_key(payload: dict, row: dict) -> str:
-    """The machine a row ran on: its cluster node's (--executor ray), else the run's."""
-    return (row.get("node") or {}).get("machine_key") or payload["machine_key"]
+    """The machine a row ran on: its cluster node's key (--executor ray: numbered when several nodes
+    share a host, see node_key), else its node's machine key, else the run's."""
+    return row.get("node_key") or (row.get("node") or {}).get("machine_key") or payload["machine_key"]
 
 
 def model_config(payload: dict, row: dict) -> dict:
@@ -3449,7 +3450,7 @@ def model_config(payload: dict, row: dict) -> dict:
     return {
         "model": row["class_name"],
         "weights": payload.get("weights"),
-        "device_type": str(payload.get("device", "cpu")).split(":")[0],
+        "device_type": str(row.get("device") or payload.get("device", "cpu")).split(":")[0],  # a row's own (Ray)
         "input_size": row.get("input_size"),
         "images": payload.get("image_set") or image_fingerprints([Path(p) for p in payload.get("images", [])]),
         "runs_per_image": payload.get("num_inference_runs"),
@@ -3930,6 +3931,23 @@ def compute_markdown(ok: list[dict]) -> list[str]:
           na(r.get("warm_median_event_sec"))] for r in ok])
 
 
+def devices_text(payload: dict) -> str:
+    """The device(s) the models ran on: each row's own (on a Ray cluster each node has its own), else the run's."""
+    seen = collections.Counter(str(r["device"]) for r in payload["results"] if r["status"] == "ok" and r.get("device"))
+    if not seen or set(seen) == {payload["environment"]["device"]}:
+        return payload["environment"]["device"]
+    return ", ".join(f"{d} ({n} model{'s' if n > 1 else ''})" for d, n in seen.most_common())
+
+
+def memory_kind_text(results: list[dict], device: torch.device) -> str:
+    """What the memory figures are: CUDA allocated memory for rows run on CUDA, process RSS for CPU rows."""
+    kinds = {r["mem_kind"] for r in results if r["status"] == "ok" and r.get("mem_kind")}
+    kinds = kinds or {"cuda_allocated" if device.type == "cuda" else "process_rss"}
+    if len(kinds) > 1:
+        return "CUDA allocated memory for the models run on CUDA, process RSS for those run on CPU (Kind below)"
+    return "CUDA allocated memory" if kinds == {"cuda_allocated"} else "process RSS"
+
+
 def markdown_text(payload: dict, cfg: RunConfig) -> str:
     env, results = payload["environment"], payload["results"]
     ok = [r for r in results if r["status"] == "ok"]
@@ -3946,7 +3964,7 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
         ["CUDA Available", env["cuda_available"]], ["CUDA Version", env["cuda_version"]],
         ["cuDNN Version", env["cudnn_version"]], ["GPU", env["gpu_name"]], ["CPU", env["cpu_model"]],
         ["Torch Threads", env["torch_threads"]], ["transformers", env["transformers"]],
-        ["ultralytics", env["ultralytics"]], ["Device", env["device"]], ["Random Seed", RANDOM_SEED]])
+        ["ultralytics", env["ultralytics"]], ["Device", devices_text(payload)], ["Random Seed", RANDOM_SEED]])
     timeout = f"{cfg.model_timeout_sec:g}s per model" if cfg.model_timeout_sec else "none"
     md += ["## Benchmark Configuration", "",
            f"- Weights: **{cfg.weights}**" + (" (seeded random initialisation: timings are real, outputs are not)"
@@ -3962,7 +3980,7 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
            f"- Total Execution Time: {payload['total_execution_time_sec']:.2f}s",
            "- Timing: the forward pass alone, perf_counter with CUDA synchronisation; preprocessing and "
            "postprocessing are timed separately below.",
-           f"- Memory: {'CUDA allocated memory' if cfg.device.type == 'cuda' else 'process RSS'}; the peak is "
+           f"- Memory: {memory_kind_text(results, cfg.device)}; the peak is "
            "the true peak of each run (peak counters reset before every run).", ""]
     md += ["## Results", ""] + table(
         ["Model", "Load Time (s)", "Avg Inference (s)", "Std (s)", "FPS", "Peak Memory (MB)", "Parameters", "Layers"],
@@ -4012,8 +4030,8 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
     if others:
         md += ["## Skipped and Failed Models", ""] + table(
             ["Model", "Status", "Phase", "Image", "Reason"],
-            [[r["class_name"], r["status"], r.get("failed_phase") or "-", r.get("failed_image") or "-", r["error"]]
-             for r in others])
+            [[r["class_name"] + (f" @ {r['node_label']}" if r.get("node_label") else ""), r["status"],
+              r.get("failed_phase") or "-", r.get("failed_image") or "-", r["error"]] for r in others])
         for r in others:
             if r.get("last_log_lines"):
                 md += [f"Last output of {r['class_name']}'s worker:", "", "```"] + r["last_log_lines"] + ["```", ""]
@@ -4127,8 +4145,13 @@ def comparison_text(a: dict, b: dict, rows: list[dict], same_machine: bool) -> l
 
 def merged_text(payloads: list[dict], labels: list[str], plots: list[str]) -> tuple[str, str]:
     """One report across machines: models x machines, warm medians, memory, speed-up vs the first."""
-    models = list(dict.fromkeys(r["model_name"] for p in payloads for r in p["results"] if r["status"] == "ok"))
+    models = list(dict.fromkeys(r["model_name"] for p in payloads for r in p["results"]))
     cell = {(r["model_name"], i): r for i, p in enumerate(payloads) for r in p["results"] if r["status"] == "ok"}
+    ended = {(r["model_name"], i): r["status"] for i, p in enumerate(payloads) for r in p["results"]
+             if r["status"] != "ok"}
+
+    def shown(model: str, i: int, text: str) -> str:  # a model that did not finish there says how it ended
+        return text if (model, i) in cell else ended.get((model, i), "n/a")
 
     def median(model: str, i: int) -> float | None:
         r = cell.get((model, i))
@@ -4141,12 +4164,12 @@ def merged_text(payloads: list[dict], labels: list[str], plots: list[str]) -> tu
     md = ["# Merged Benchmark Report", "", "Machines (speed-ups are relative to the first):", ""]
     md += [f"{i + 1}. {label}, run {p['run_id']}" for i, (label, p) in enumerate(zip(labels, payloads))] + [""]
     short = [f"M{i + 1}" for i in range(len(payloads))]
-    md += ["## Warm median (s)", ""] + table(["Model", *short], [[m, *(fmt(median(m, i)) for i in range(len(short)))]
-                                                                 for m in models])
-    md += ["## Speed-up vs M1", ""] + table(["Model", *short], [[m, *(speedup(m, i) for i in range(len(short)))]
-                                                                for m in models])
+    md += ["## Warm median (s)", ""] + table(["Model", *short], [
+        [m, *(shown(m, i, fmt(median(m, i))) for i in range(len(short)))] for m in models])
+    md += ["## Speed-up vs M1", ""] + table(["Model", *short], [
+        [m, *(shown(m, i, speedup(m, i)) for i in range(len(short)))] for m in models])
     md += ["## Peak memory (MB)", ""] + table(["Model", *short], [
-        [m, *(fmt(cell[(m, i)].get("mem_peak_mb"), ".0f") if (m, i) in cell else "n/a" for i in range(len(short)))]
+        [m, *(shown(m, i, fmt(cell[(m, i)].get("mem_peak_mb"), ".0f") if (m, i) in cell else "") for i in range(len(short)))]
         for m in models])
     md += [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     buf = io.StringIO()
@@ -4419,6 +4442,14 @@ RAY_SLOT = "vision_bench_slot"   # custom resource, 1 per node: a node never run
 RAY_FILE_MODES = ("auto", "shared", "object-store")
 RAY_CHUNK_BYTES = 8 * 1024**2    # dissection files travel through the object store in chunks this size
 RAY_POLL_SEC = 0.5
+RAY_CONNECT_TIMEOUT_SEC = 5.0    # a cluster address that takes no TCP connection within this: exit 2
+RAY_CANCEL_WAIT_SEC = 10.0       # cancelled tasks are given this long to end before their folders go
+RAY_CLEANUP_TIMEOUT_SEC = 20.0   # the per-node removal of a run's temporary folders
+RAY_LITTER_MIN_AGE_SEC = 3600.0  # an earlier run's folder (its owner process dead) goes when older than this
+RAY_TEMP_NAME = re.compile(r"vision-bench-(task|viz)-([0-9a-f]{8})-(\d+)-")  # kind, run tag, owner pid
+RAY_TOKEN_FILE = Path(".ray") / "auth_token"  # Ray's default token file, under the home folder
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node (spread places a model among some nodes)
+HEAD_RESOURCE = "node:__internal_head__"
 
 
 @dataclass
@@ -4428,10 +4459,18 @@ class RayOptions:
     files: str = "auto"
 
 
+# -- decisions (pure: they test without Ray) -------------------------------------------
+
+
 def ray_task_resources(use_gpu: bool) -> dict:
     """What one model's task asks of Ray: the node's one benchmark slot in every fleet mode (the
     spec's one model at a time per node: no shared CPU, PCIe or power budget), and a GPU for CUDA runs."""
     return {"num_cpus": 0, "resources": {RAY_SLOT: 1}, **({"num_gpus": 1} if use_gpu else {})}
+
+
+def node_where(node: dict) -> str:
+    """A node as messages name it: its id's start and its host."""
+    return f"node {node['NodeID'][:12]} ({node.get('NodeManagerHostname', '?')})"
 
 
 def eligible_nodes(nodes: list[dict], use_gpu: bool) -> tuple[list[dict], list[str]]:
@@ -4439,14 +4478,322 @@ def eligible_nodes(nodes: list[dict], use_gpu: bool) -> tuple[list[dict], list[s
     each other alive node is left out."""
     usable, excluded = [], []
     for node in (n for n in nodes if n["Alive"]):
-        res, where = node["Resources"], f"node {node['NodeID'][:12]} ({node.get('NodeManagerHostname', '?')})"
+        res, where = node["Resources"], node_where(node)
         if res.get(RAY_SLOT, 0) < 1:
             excluded.append(f"{where}: no '{RAY_SLOT}' resource (start it with --resources '{{\"{RAY_SLOT}\": 1}}')")
         elif use_gpu and res.get("GPU", 0) < 1:
-            excluded.append(f"{where}: no GPU, and this run uses CUDA (--device cpu runs on every node)")
+            excluded.append(f"{where}: no GPU, and this run uses CUDA (--device cpu runs on every node; --device "
+                            f"auto with --fleet every-node runs each node on what it has)")
         else:
             usable.append(node)
     return usable, excluded
+
+
+@dataclass
+class FleetNode:
+    """A node this run uses: how its tasks run there, and what its preflight found."""
+
+    node: dict                   # its ray.nodes() entry
+    device: str                  # --device of its tasks: cpu, or auto/cuda (the GPU Ray gives the task)
+    gpu: bool                    # its tasks ask Ray for a GPU
+    ordinal: int | None = None   # its number among the alive nodes on its host, when there are several
+    facts: dict = field(default_factory=dict)            # node_facts() from its preflight
+    skips: dict[str, str] = field(default_factory=dict)  # class name -> why that model is skipped here
+
+    @property
+    def node_id(self) -> str:
+        return self.node["NodeID"]
+
+    @property
+    def where(self) -> str:
+        return node_where(self.node)
+
+    @property
+    def label(self) -> str:
+        """How the reports name the node (a column of the merged report): the same for all its rows."""
+        host = self.facts.get("hostname") or self.node.get("NodeManagerHostname", "?")
+        return f"{host} {self.node_id[:8]} {self.facts.get('gpu_name') or 'CPU'}"
+
+
+def fleet_nodes(nodes: list[dict], request: str, fleet: str) -> tuple[list[FleetNode], list[str]]:
+    """The nodes this run uses and their device, and why each other alive node is left out.
+
+    --device cpu: every node on its CPU; cuda: the GPU nodes. auto: with every-node and
+    every-gpu-type (tasks pinned to nodes) each node on what it has, a GPU or else its CPU; with
+    spread the GPU nodes when the cluster has any (a spread task asks for a GPU or not before Ray
+    places it, so CPU nodes are left out, saying so), else every node on its CPU."""
+    if request != "auto":
+        gpu = request.startswith("cuda")
+        usable, excluded = eligible_nodes(nodes, gpu)
+        return [FleetNode(n, request, gpu) for n in usable], excluded
+    usable, excluded = eligible_nodes(nodes, use_gpu=False)
+    has_gpu = [n["Resources"].get("GPU", 0) >= 1 for n in usable]
+    if fleet == "spread" and any(has_gpu):
+        excluded += [f"{node_where(n)}: no GPU, and spread with --device auto runs on the GPU nodes (--fleet "
+                     f"every-node runs each node on what it has; --device cpu runs every node on its CPU)"
+                     for n, gpu in zip(usable, has_gpu) if not gpu]
+        usable = [n for n, gpu in zip(usable, has_gpu) if gpu]
+        has_gpu = [True] * len(usable)
+    return [FleetNode(n, "auto" if gpu else "cpu", gpu) for n, gpu in zip(usable, has_gpu)], excluded
+
+
+def node_ordinals(nodes: list[dict]) -> dict[str, int]:
+    """Each alive node's number among the alive nodes on its host, for hosts running several.
+
+    Node IDs and ports change with every `ray start`; what a node is started with does not. So
+    the order is: the head first, then by --node-name, then by resources (CPUs, GPUs, GPU type,
+    custom), and only then by port (nodes alike in all of that are alike in what they measure):
+    the same setup started the same way gets the same numbers every night."""
+    by_host: dict[str, list[dict]] = {}
+    for node in (n for n in nodes if n["Alive"]):
+        by_host.setdefault(node.get("NodeManagerHostname") or node.get("NodeManagerAddress", "?"), []).append(node)
+
+    def order(node: dict) -> tuple:
+        res = node["Resources"]
+        fixed = sorted((k, v) for k, v in res.items() if not k.startswith("node:") and "memory" not in k)
+        return HEAD_RESOURCE not in res, node.get("NodeName", ""), fixed, node.get("NodeManagerPort", 0)
+
+    ordinals: dict[str, int] = {}
+    for group in (g for g in by_host.values() if len(g) > 1):
+        ordinals.update({n["NodeID"]: i for i, n in enumerate(sorted(group, key=order), 1)})
+    return ordinals
+
+
+def node_key(row: dict, node: FleetNode) -> str:
+    """A row's machine key in the history: its node's, numbered when its host runs several nodes
+    (they share a machine key: host, CPU, GPU; one run would store two rows under one key)."""
+    base = (row.get("node") or {}).get("machine_key") or node.facts.get("machine_key") or "unknown"
+    return base if node.ordinal is None else f"{base}#{node.ordinal}"
+
+
+@dataclass
+class Placement:
+    """One model on the cluster: a task (pinned to a node, or placed by Ray), or a skipped row."""
+
+    cls: type[ModelBenchmark]
+    device: str                              # --device of its task
+    gpu: bool                                # its task asks Ray for a GPU
+    node: FleetNode | None = None            # pinned (every-node, every-gpu-type)
+    allowed: list[FleetNode] | None = None   # spread: the nodes that have the model (None: any)
+    skip: str | None = None                  # why it is a skipped row instead of a task
+
+
+def gpu_type(node: dict) -> str:
+    """A node's kind for --fleet every-gpu-type: Ray's accelerator_type, or CPU."""
+    kind = next((k for k in node["Resources"] if k.startswith("accelerator_type:")), None)
+    return kind.split(":", 1)[1] if kind else "CPU"
+
+
+def fleet_plan(models: list[type[ModelBenchmark]], nodes: list[FleetNode], fleet: str) -> list[Placement]:
+    """What runs where. spread: each model once, on any node that has it (skipped when none has);
+    every-node: every model on every node; every-gpu-type: on one node per GPU type, the one
+    lacking the fewest models. A model is skipped only where it cannot run, naming the node."""
+    if fleet == "spread":
+        plan = []
+        for cls in models:
+            have = [n for n in nodes if cls.__name__ not in n.skips]
+            reason = "; ".join(f"{n.where}: {n.skips[cls.__name__]}" for n in nodes) if not have else None
+            plan.append(Placement(cls, nodes[0].device, nodes[0].gpu, skip=reason,
+                                  allowed=have if 0 < len(have) < len(nodes) else None))
+        return plan
+    if fleet == "every-gpu-type":
+        by_type: dict[str, list[FleetNode]] = {}
+        for node in nodes:
+            by_type.setdefault(gpu_type(node.node), []).append(node)
+        nodes = [min(group, key=lambda n: len(n.skips)) for group in by_type.values()]
+    return [Placement(cls, n.device, n.gpu, node=n,
+                      skip=f"{n.where}: {n.skips[cls.__name__]}" if cls.__name__ in n.skips else None)
+            for n in nodes for cls in models]
+
+
+def node_selector(nodes: list[FleetNode]) -> dict[str, str]:
+    """Ray's label selector for "any of these nodes"."""
+    return {NODE_ID_LABEL: "in(" + ", ".join(n.node_id for n in nodes) + ")"}
+
+
+def placed_row(row: dict, node: FleetNode) -> dict:
+    """A row with the node it ran on (or was meant for): id, facts, label and history key."""
+    row = {**row, "node_id": node.node_id, "node": row.get("node") or node.facts, "node_label": node.label}
+    return {**row, "node_key": node_key(row, node)}
+
+
+def planned_device(placement: Placement) -> str:
+    """The device type a placement's task asks for (a row that never ran records it)."""
+    return "cuda" if placement.gpu else "cpu"
+
+
+def skipped_row(placement: Placement) -> dict:
+    """A model no node of its placement can run (the spec's DA-V2 skip), naming where."""
+    row = status_row(placement.cls, "skipped", placement.skip, device=planned_device(placement))
+    return placed_row(row, placement.node) if placement.node else row
+
+
+def dead_task_row(placement: Placement, node: FleetNode | None, error: BaseException) -> dict:
+    """The row of a task that died (its worker or node lost, or cancelled): crashed, naming its node."""
+    cls = placement.cls
+    text = AsciiStream.ANSI.sub("", str(error)).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    where = node.where if node else "no node yet (it died before it started)"
+    row = status_row(cls, "crashed", f"{cls.__name__}: the Ray task on {where} died: {type(error).__name__}: {first}",
+                     device=planned_device(placement))
+    return placed_row(row, node) if node else row
+
+
+def ray_temp_litter(entries: list[tuple[str, float]], run_tag: str, pid_alive: Callable[[int], bool],
+                    now: float) -> list[str]:
+    """Which of a node's temporary folders (name, mtime) to remove at the end of a run: this run's,
+    and an earlier run's whose owner process is gone and that is older than RAY_LITTER_MIN_AGE_SEC
+    (its driver died too: nobody else will). Other names are never touched."""
+    doomed = []
+    for name, mtime in entries:
+        match = RAY_TEMP_NAME.match(name)
+        if match and (match[2] == run_tag or (now - mtime > RAY_LITTER_MIN_AGE_SEC and not pid_alive(int(match[3])))):
+            doomed.append(name)
+    return doomed
+
+
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """Host and port of a 'HOST:PORT' Ray address ('[v6]:PORT' too); None for any other form."""
+    match = re.fullmatch(r"\[?([^\[\]\s/]+?)\]?:(\d{1,5})", address.strip())
+    return (match[1], int(match[2])) if match else None
+
+
+def ray_token_source(environ: dict[str, str], home: Path) -> str | None:
+    """Where Ray takes the cluster token from on this machine, in Ray's documented order (the
+    RAY_AUTH_TOKEN variable, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token),
+    or None when there is none."""
+    if environ.get("RAY_AUTH_TOKEN", "").strip():
+        return "RAY_AUTH_TOKEN"
+    path = Path(environ["RAY_AUTH_TOKEN_PATH"]) if environ.get("RAY_AUTH_TOKEN_PATH") else home / RAY_TOKEN_FILE
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if path.read_text(encoding="utf-8").strip():
+            return str(path)
+    return None
+
+
+def ray_auth_advice(address: str, environ: dict[str, str], token_source: str | None) -> str:
+    """One line: the cluster wants a token this machine does not have (or refused the one it has), and the fix."""
+    fix = ("`ray get-auth-token` on the head node prints the cluster's token: put it in ~/.ray/auth_token here "
+           "or set RAY_AUTH_TOKEN to it")
+    if token_source:
+        return f"the Ray cluster at {address} uses token authentication and refused the token from {token_source}: {fix}"
+    path = environ.get("RAY_AUTH_TOKEN_PATH")
+    unreadable = f" (RAY_AUTH_TOKEN_PATH={path} cannot be read or is empty)" if path else ""
+    return f"the Ray cluster at {address} uses token authentication and this machine has no token{unreadable}: {fix}"
+
+
+# -- Ray calls --------------------------------------------------------------------------
+
+
+def import_ray():
+    """The ray package, or the fix (exit 2) when it is not installed here."""
+    try:
+        import ray
+    except ImportError as e:
+        raise UsageError(f"--executor ray needs the ray package, which cannot be imported here ({e}): install it "
+                         f"(python -m pip install 'ray>=2.60', as in requirements.txt) on this machine and on every "
+                         f"node, or run without --executor ray") from None
+    return ray
+
+
+def tcp_problem(host: str, port: int) -> str | None:
+    """Why nothing takes a TCP connection at host:port within RAY_CONNECT_TIMEOUT_SEC, or None."""
+    try:
+        socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_SEC).close()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+@contextlib.contextmanager
+def quiet_stderr_fd():
+    """Ray's C++ client prints a warning per refused attempt on fd 2: our one line says it instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def set_ray_auth_mode(mode: str | None) -> None:
+    """This process's Ray auth mode (RAY_AUTH_MODE; None: unset). Ray reads the variable when it is
+    imported; its config is re-read as Ray's own token setup does (authentication_token_setup.py)."""
+    from ray._raylet import Config
+
+    if mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = mode
+    Config.initialize("")
+    with contextlib.suppress(ImportError, AttributeError):
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+def gcs_answer(address: str) -> str:
+    """Ask the cluster's GCS for its cluster id once, in this process's auth mode: "ok", "auth" (it
+    wants a token, or refused ours) or the error. A token-mode driver on a cluster without token
+    auth hangs on its tasks' results, so the mode must match the cluster's."""
+    import ray
+    from ray._raylet import GcsClient
+
+    with quiet_stderr_fd():
+        try:
+            GcsClient(address=address)
+            return "ok"
+        except ray.exceptions.AuthenticationError:
+            return "auth"
+        except Exception as e:  # noqa: BLE001 (RpcError and kin: no GCS answers there)
+            return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def local_cluster_address() -> str | None:
+    """The cluster `ray start` last started on this machine (Ray's own lookup for address "auto"), or None."""
+    from ray._private import services
+
+    try:
+        return services.canonicalize_bootstrap_address("auto")
+    except (ConnectionError, ValueError):
+        return None
+
+
+def join_cluster(address: str) -> None:
+    """Connect to the Ray cluster at HOST:PORT in its own auth mode: without a token when it needs
+    none, else with the token Ray finds on this machine. UsageError with the fix when it cannot."""
+    import ray
+
+    host_port = ray_host_port(address)
+    if host_port is None:
+        raise UsageError(f"Ray address {address!r} (--ray-address or RAY_ADDRESS): give the head node's address as "
+                         f"HOST:PORT (the port of its `ray start --head --port`, 6379 by default)")
+    if problem := tcp_problem(*host_port):
+        raise UsageError(f"no Ray cluster answers at {address} (TCP connection: {problem}): check "
+                         f"--ray-address (the head node's HOST:PORT) and that `ray start --head` runs there")
+    source, asked = ray_token_source(os.environ, Path.home()), os.environ.get("RAY_AUTH_MODE")
+    set_ray_auth_mode("disabled")
+    answer = gcs_answer(address)
+    if answer == "ok" and asked == "token":
+        log(f"RAY_AUTH_MODE=token is set here, but the Ray cluster at {address} does not use token authentication: "
+            f"connecting without a token (a driver must use the cluster's mode)", "WARNING")
+    if answer == "auth" and source:
+        set_ray_auth_mode("token")
+        answer = gcs_answer(address)
+        if answer == "ok":
+            log(f"The Ray cluster at {address} uses token authentication: using the token from {source}", "RAY")
+    if answer == "auth":
+        raise UsageError(ray_auth_advice(address, os.environ, source))
+    if answer != "ok":
+        raise UsageError(f"{address} takes connections but no Ray cluster answers there ({answer}): check "
+                         f"--ray-address (the head node's HOST:PORT of `ray start --head --port`)")
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UsageError(f"cannot join the Ray cluster at {address}: {(str(e).strip().splitlines() or [''])[0]}") from None
 
 
 def node_facts() -> dict:
@@ -4457,38 +4804,43 @@ def node_facts() -> dict:
 
 
 def node_run_main(job_path: Path, result_path: Path, timeout: str) -> int:
-    """On a cluster node (internal): one model through the same supervised worker as a local run."""
+    """On a cluster node (internal): one model through the same supervised worker as a local run.
+    Its work files stay in the task's folder (one folder per task to remove, whatever ends it)."""
     die_with_parent()
     job = WorkerJob(**json.loads(job_path.read_text(encoding="utf-8")))
     job.device = str(resolve_cuda_request(job.device))  # auto/cuda: the GPU Ray gave this task, as cuda:0
-    with tempfile.TemporaryDirectory(prefix="vision-bench-node-") as work_dir:
-        with termination_signals():
-            row = execute_job(job, "process", Path(work_dir), None if timeout == "none" else float(timeout))
+    work_dir = job_path.parent / "node-run"
+    work_dir.mkdir(exist_ok=True)
+    with termination_signals():
+        row = execute_job(job, "process", work_dir, None if timeout == "none" else float(timeout))
     atomic_write_text(result_path, json.dumps({**row, "node": node_facts()}, default=str))
     return EXIT_OK
 
 
 def node_preflight_main(request: str) -> int:
-    """On a cluster node (internal): what the selected models lack there, as one JSON line."""
+    """On a cluster node (internal): what the selected models lack there, and who the node is, as one JSON line."""
     ask = json.loads(request)
     device = torch.device("cpu")
     benches = [c(device, ask["weights"], Path(ask["models_dir"])) for c in resolve_models(ask["models"])]
-    problems = check_requirements(benches)
-    print(json.dumps({"problems": problems, **{k: v for k, v in node_facts().items() if k != "environment"}}))
+    print(json.dumps({"problems": check_requirements(benches), "facts": node_facts()}, default=str))
     return EXIT_OK
 
 
-# The three Ray tasks below are shipped by value and use nothing of this module: a node needs
-# this program's dependencies, not this file at a path (its text travels with the task).
+# The Ray tasks below are shipped by value and use nothing of this module (a function they need
+# comes as an argument): a node needs this program's dependencies, not this file at a path (its
+# text travels with the task). Their folders are named vision-bench-<kind>-<run tag>-<pid>-.
 
-def ray_model_task(script: str, images: list, job: dict, timeout: str, node_viz: str | None) -> dict:
+def ray_model_task(script: str, images: list, job: dict, timeout: str, run_tag: str, pull_files: bool):
     """Run one model on this node through `--node-run` (this program and the images written to a
-    temp folder)."""
-    import json, os, subprocess, sys, tempfile, time  # noqa: E401 (a task imports what it uses)
+    folder of this task's). Yields where it runs first (a task that dies is named by its node), then its row."""
+    import json, os, shutil, subprocess, sys, tempfile, time  # noqa: E401 (a task imports what it uses)
     import ray
 
-    started = time.time()
-    with tempfile.TemporaryDirectory(prefix="vision-bench-task-") as tmp:
+    node_id = ray.get_runtime_context().get_node_id()
+    yield {"node_id": node_id, "pid": os.getpid()}
+    started, node_viz = time.time(), None
+    tmp = tempfile.mkdtemp(prefix=f"vision-bench-task-{run_tag}-{os.getpid()}-")
+    try:
         paths = {name: os.path.join(tmp, name) for name in ("unified_benchmark.py", "job.json", "row.json")}
         with open(paths["unified_benchmark.py"], "w", encoding="utf-8") as f:
             f.write(script)
@@ -4497,8 +4849,8 @@ def ray_model_task(script: str, images: list, job: dict, timeout: str, node_viz:
             with open(os.path.join(tmp, "images", name), "wb") as f:
                 f.write(data)
         job = {**job, "images": [os.path.join(tmp, "images", name) for name, _ in images]}
-        if node_viz:  # the driver's folder is not shared: write here, the driver pulls the files
-            job["viz_dir"] = node_viz
+        if pull_files:  # the driver's folder is not shared: write here, the driver pulls the files
+            node_viz = job["viz_dir"] = tempfile.mkdtemp(prefix=f"vision-bench-viz-{run_tag}-{os.getpid()}-")
         with open(paths["job.json"], "w", encoding="utf-8") as f:
             json.dump(job, f)
         proc = subprocess.run([sys.executable, paths["unified_benchmark.py"], "--node-run", paths["job.json"],
@@ -4507,22 +4859,53 @@ def ray_model_task(script: str, images: list, job: dict, timeout: str, node_viz:
             raise RuntimeError(f"the node's runner exited with code {proc.returncode} without a row")
         with open(paths["row.json"], encoding="utf-8") as f:
             row = json.load(f)
-    return {**row, "node_id": ray.get_runtime_context().get_node_id(), "started_wall": started,
-            "finished_wall": time.time()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    yield {**row, "node_id": node_id, "node_viz": node_viz, "started_wall": started, "finished_wall": time.time()}
 
 
-def ray_preflight_task(script: str, request: str) -> dict:
-    import json, os, subprocess, sys, tempfile  # noqa: E401
+def ray_preflight_task(script: str, request: str, run_tag: str) -> dict:
+    """This node's preflight (`--node-preflight`) in a folder of this task's: the models' problems and the node's facts."""
+    import json, os, shutil, subprocess, sys, tempfile  # noqa: E401
     import ray
 
-    with tempfile.TemporaryDirectory(prefix="vision-bench-task-") as tmp:
+    tmp = tempfile.mkdtemp(prefix=f"vision-bench-task-{run_tag}-{os.getpid()}-")
+    try:
         path = os.path.join(tmp, "unified_benchmark.py")
         with open(path, "w", encoding="utf-8") as f:
             f.write(script)
         proc = subprocess.run([sys.executable, path, "--node-preflight", request], capture_output=True, text=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if proc.returncode != 0:
-        return {"error": (proc.stdout + proc.stderr).strip().splitlines()[-1:]}
+        return {"error": " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-1:])}
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def ray_cleanup_task(run_tag: str, select) -> list[str]:
+    """Remove this run's folders from this node's temporary folder (a task killed by ray.cancel or a
+    lost worker never ran its own cleanup), and orphans of earlier runs; `select` (ray_temp_litter) decides."""
+    import os, shutil, tempfile, time  # noqa: E401
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    root, entries = tempfile.gettempdir(), []
+    for entry in os.scandir(root):
+        try:
+            entries.append((entry.name, entry.stat(follow_symlinks=False).st_mtime))
+        except OSError:
+            continue
+    doomed = select(entries, run_tag, alive, time.time())
+    for name in doomed:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return doomed
 
 
 def ray_path_exists(path: str) -> bool:
@@ -4554,114 +4937,132 @@ class RayFleet:
     """A run on a Ray cluster: one task per (model, node), each in the same worker as a local run.
 
     Never two models on one node at once (each task takes the node's one RAY_SLOT; CUDA runs also a GPU).
-    No task is retried: a node or worker that dies is a crashed row naming the node."""
+    No task is retried: a node or worker that dies is a crashed row naming the node. Whatever ends
+    the run, its temporary folders on the nodes are removed before it disconnects."""
 
     def __init__(self, cfg: RunConfig, options: RayOptions):
         self.cfg, self.options = cfg, options
         self.started_ray = False
         self.info: dict[str, Any] = {"executor": "ray", "fleet": options.fleet}
+        self.run_tag = uuid.uuid4().hex[:8]          # names this run's folders on the nodes
+        self.fleet: list[FleetNode] = []
+        self.running: dict[Any, int] = {}            # task (its generator) -> its place in the plan
+        self.started_on: dict[Any, str] = {}         # task -> the node id it said it runs on
+        self.auth_mode_before = os.environ.get("RAY_AUTH_MODE")
 
     # -- cluster ------------------------------------------------------------------------
 
     def connect(self) -> None:
-        import ray
-
+        """Join --ray-address (or RAY_ADDRESS, or a cluster `ray start` began on this machine), else
+        start a local Ray for this run (one slot)."""
+        ray = import_ray()
         if __name__ != "__main__":  # imported (tests, a notebook): ship the task functions by value
             ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every worker line reaches the console as printed
-        address = self.options.address
-        if address == "auto" and not os.environ.get("RAY_ADDRESS"):
-            try:
-                ray.init(address="auto", include_dashboard=False, logging_level="ERROR")
-            except ConnectionError:
-                log("No running Ray cluster found: starting a local one for this run", "RAY")
-                ray.init(resources={RAY_SLOT: 1}, include_dashboard=False, logging_level="ERROR")
-                self.started_ray = True
+        requested, from_env = self.options.address, os.environ.get("RAY_ADDRESS", "").strip()
+        from_env = "" if from_env == "auto" else from_env
+        address = requested if requested != "auto" else from_env or local_cluster_address()
+        found_here = requested == "auto" and not from_env
+        if found_here and (address is None or ray_host_port(address) is None or tcp_problem(*ray_host_port(address))):
+            log("No running Ray cluster found: starting a local one for this run", "RAY")
+            ray.init(resources={RAY_SLOT: 1}, include_dashboard=False, logging_level="ERROR")
+            self.started_ray = True
         else:
-            ray.init(address=None if address == "auto" else address, include_dashboard=False, logging_level="ERROR")
+            join_cluster(address)
         self.info["ray_address"] = ray.get_runtime_context().gcs_address
         self.info["started_local_ray"] = self.started_ray
 
-    def shutdown(self) -> None:
+    def finish(self) -> None:
+        """Stop what still runs, remove this run's folders on its nodes, disconnect (a local Ray
+        started for this run stops with it) and put this process's Ray auth mode back."""
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            try:
+                self.cancel()
+                self.remove_litter()
+            finally:
+                ray.shutdown()
+        if ray is not None and os.environ.get("RAY_AUTH_MODE") != self.auth_mode_before:
+            set_ray_auth_mode(self.auth_mode_before)
+
+    def nodes(self) -> list[FleetNode]:
+        """The nodes that take models and how (each other alive node is named with the reason)."""
         import ray
 
-        ray.shutdown()  # a local Ray started for this run stops with it
-
-    def nodes(self) -> list[dict]:
-        """Alive nodes that can take a model: a GPU for CUDA runs, else a benchmark slot."""
-        import ray
-
-        nodes, excluded = eligible_nodes(ray.nodes(), self.use_gpu)
+        alive = ray.nodes()
+        nodes, excluded = fleet_nodes(alive, self.cfg.device_request, self.options.fleet)
         for reason in excluded:
             log(f"Left out {reason}", "WARNING")
         if not nodes:
-            need = f"'{RAY_SLOT}'" + (" and a GPU" if self.use_gpu else "")
+            need = f"'{RAY_SLOT}'" + (" and a GPU" if self.cfg.device_request.startswith("cuda") else "")
             raise UsageError(f"no node of the Ray cluster at {self.info['ray_address']} offers {need}: start each "
                              f"node with --resources '{{\"{RAY_SLOT}\": 1}}' (and its GPUs for CUDA runs)")
+        ordinals = node_ordinals(alive)
+        for node in nodes:
+            node.ordinal = ordinals.get(node.node_id)
+        self.fleet = nodes
         return nodes
 
-    @property
-    def use_gpu(self) -> bool:
-        import ray
+    def node(self, node_id: str) -> FleetNode:
+        """The FleetNode of an id; a node that joined after the run started gets one of its own."""
+        known = next((n for n in self.fleet if n.node_id == node_id), None)
+        if known is None:
+            import ray
 
-        if self.cfg.device_request.startswith("cuda"):
-            return True
-        return self.cfg.device_request == "auto" and ray.cluster_resources().get("GPU", 0) >= 1
+            entry = next((n for n in ray.nodes() if n["NodeID"] == node_id), {"NodeID": node_id, "Resources": {}})
+            known = FleetNode(entry, self.fleet[0].device, self.fleet[0].gpu)
+            self.fleet.append(known)
+        return known
 
-    def task_options(self, node: dict | None = None) -> dict:
+    def task_options(self, placement: Placement) -> dict:
+        """A model's task: its node's slot (and a GPU), pinned to its node or to the nodes that have the model."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        options: dict[str, Any] = {"max_retries": 0, **ray_task_resources(self.use_gpu)}
-        if node is not None:
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        options: dict[str, Any] = {"max_retries": 0, **ray_task_resources(placement.gpu)}
+        if placement.node is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(placement.node.node_id, soft=False)
+        elif placement.allowed:
+            options["label_selector"] = node_selector(placement.allowed)
         return options
 
-    def probe_options(self, node: dict) -> dict:
-        """A small check pinned to a node: it takes no GPU and no benchmark slot."""
-        return {**self.task_options(node), "resources": {}, "num_gpus": 0}
+    @staticmethod
+    def probe_options(node: FleetNode) -> dict:
+        """A small task pinned to a node: it takes no GPU and no benchmark slot."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    def plan(self, nodes: list[dict]) -> list[tuple[type[ModelBenchmark], dict | None]]:
-        """(model, node) pairs: spread lets Ray place each model; the other modes pin every model
-        to every node, or to one node per GPU type."""
-        models = [c for c in self.cfg.models if c.__name__ not in self.cfg.skips]
-        if self.options.fleet == "spread":
-            return [(c, None) for c in models]
-        if self.options.fleet == "every-gpu-type":
-            by_type: dict[str, dict] = {}
-            for node in nodes:
-                kind = next((k for k in node["Resources"] if k.startswith("accelerator_type:")), "CPU")
-                by_type.setdefault(kind, node)
-            nodes = list(by_type.values())
-        return [(c, n) for n in nodes for c in models]
+        return {"max_retries": 0, "num_cpus": 0,
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=False)}
 
     # -- preflight and files ------------------------------------------------------------
 
-    def preflight(self, nodes: list[dict], script_ref) -> None:
-        """Every node that will run a model checks its weights and dependencies first."""
+    def preflight(self, nodes: list[FleetNode], script_ref) -> None:
+        """Every node that will run a model checks its weights and dependencies first: a DA-V2 model
+        a node lacks is skipped on that node only; anything else stops the run, all problems listed."""
         import ray
 
         request = json.dumps({"models": ",".join(c.__name__ for c in self.cfg.models), "weights": self.cfg.weights,
                               "models_dir": str(self.cfg.models_dir)})
         task = ray.remote(ray_preflight_task)
-        answers = ray.get([task.options(**self.probe_options(n))
-                           .remote(script_ref, request) for n in nodes])
+        answers = ray.get([task.options(**self.probe_options(n)).remote(script_ref, request, self.run_tag)
+                           for n in nodes])
         problems = []
         for node, answer in zip(nodes, answers):
-            where = f"node {node['NodeID'][:12]} ({node['NodeManagerHostname']})"
             if "error" in answer:
-                problems.append(f"{where}: {answer['error']}")
-            for name, found in answer.get("problems", {}).items():
+                problems.append(f"{node.where}: the preflight failed: {answer['error']}")
+                continue
+            node.facts = answer["facts"]
+            for name, found in answer["problems"].items():
                 if issubclass(next(c for c in MODEL_REGISTRY if c.__name__ == name), SKIPPABLE):
-                    self.cfg.skips[name] = f"{where}: {found[0]}"  # the spec's DA-V2 skip
-                    log(f"{name} will be skipped: {self.cfg.skips[name]}", "WARNING")
+                    node.skips[name] = found[0]  # the spec's DA-V2 skip, on this node
+                    log(f"{name} will be skipped on {node.where}: {found[0]}", "WARNING")
                 else:
-                    problems += [f"{where}: {name}: {p}" for p in found]
+                    problems += [f"{node.where}: {name}: {p}" for p in found]
         if problems:
             raise UsageError(f"preflight on the cluster found {len(problems)} problem(s); nothing was run:\n  - "
                              + "\n  - ".join(problems))
         log(f"Preflight passed on {len(nodes)} node(s)", "RAY")
 
-    def shared_output(self, nodes: list[dict], script_ref) -> bool:
+    def shared_output(self, nodes: list[FleetNode]) -> bool:
         """Whether every node sees the driver's output folder (a probe file written here)."""
         import ray
 
@@ -4671,8 +5072,7 @@ class RayFleet:
         probe.write_text("probe")
         try:
             check = ray.remote(ray_path_exists)
-            seen = ray.get([check.options(**self.probe_options(n)).remote(str(probe))
-                            for n in nodes])
+            seen = ray.get([check.options(**self.probe_options(n)).remote(str(probe)) for n in nodes])
         finally:
             probe.unlink(missing_ok=True)
         return all(seen)
@@ -4696,94 +5096,143 @@ class RayFleet:
         row["viz_dir"] = str(target / row["class_name"])
         row["files_transfer"] = f"object store, {chunks} chunk(s) of at most {RAY_CHUNK_BYTES // 1024**2} MB"
 
+    def remove_litter(self) -> None:
+        """This run's folders on every node it used, removed by one small task per node (a task
+        killed by ray.cancel, or whose worker or node died, never ran its own cleanup)."""
+        import ray
+
+        if not self.fleet:
+            return
+        task = ray.remote(ray_cleanup_task)
+        refs = {task.options(**self.probe_options(n)).remote(self.run_tag, ray_temp_litter): n for n in self.fleet}
+        done, missing = ray.wait(list(refs), num_returns=len(refs), timeout=RAY_CLEANUP_TIMEOUT_SEC)
+        for ref in done:
+            try:
+                removed = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                log(f"Could not remove this run's temporary folders on {refs[ref].where}: {type(e).__name__}", "WARNING")
+                continue
+            if removed:
+                log(f"Removed {len(removed)} temporary folder(s) of ended tasks on {refs[ref].where}", "CLEANUP")
+        for ref in missing:
+            log(f"Could not remove this run's temporary folders on {refs[ref].where}: no answer within "
+                f"{RAY_CLEANUP_TIMEOUT_SEC:g} s (they are named vision-bench-*-{self.run_tag}-*)", "WARNING")
+
     # -- the run ------------------------------------------------------------------------
 
     def run(self) -> RunOutcome:
-        import ray
-
-        self.connect()
+        """Connect, choose nodes, preflight, plan, run; whatever happens, finish() cleans up after."""
         try:
+            self.connect()
+            import ray
+
             nodes = self.nodes()
             script_ref = ray.put(SCRIPT_PATH.read_text(encoding="utf-8"))
             self.preflight(nodes, script_ref)
-            shared = self.shared_output(nodes, script_ref)
+            self.info["nodes"] = [{"node_id": n.node_id, "label": n.label, "device": n.device, "ordinal": n.ordinal,
+                                   "skipped": sorted(n.skips)} for n in nodes]  # ordinal: see node_ordinals
+            plan = fleet_plan(self.cfg.models, nodes, self.options.fleet)
+            if all(p.skip for p in plan):
+                raise UsageError("every selected model would be skipped on every node; nothing to benchmark "
+                                 "(see the warnings above)")
+            shared = self.shared_output(nodes)
             self.info["files"] = "shared folder" if shared else "object store"
             log(f"{len(nodes)} node(s), fleet {self.options.fleet}, dissection files via {self.info['files']}", "RAY")
-            return self.submit_and_collect(self.plan(nodes), script_ref, shared)
+            return self.submit_and_collect(plan, script_ref, shared)
         finally:
-            self.shutdown()
+            self.finish()
 
-    def submit_and_collect(self, plan, script_ref, shared: bool) -> RunOutcome:
+    def submit_and_collect(self, plan: list[Placement], script_ref, shared: bool) -> RunOutcome:
+        """Start every placed model's task and take each one's messages as they come; a skipped model
+        is its row at once. The rows come in plan order."""
         import ray
 
         task = ray.remote(ray_model_task)
         images_ref = ray.put([(p.name, p.read_bytes()) for p in self.cfg.images])
         timeout = "none" if self.cfg.model_timeout_sec is None else str(self.cfg.model_timeout_sec)
-        refs = {}
-        for cls, node in plan:
-            job = vars(self.cfg.job(cls)) | ({"device": "auto"} if self.cfg.device_request == "auto" else {})
-            if node is not None:  # the same model on several nodes: a folder per node
-                job["viz_dir"] = str(self.cfg.viz_dir / f"node-{node['NodeID'][:8]}")
-            node_viz = None if shared else f"{tempfile.gettempdir()}/vision-bench-{uuid.uuid4().hex}"
-            ref = task.options(**self.task_options(node)).remote(script_ref, images_ref, job, timeout, node_viz)
-            refs[ref] = (cls, node, Path(job["viz_dir"]), node_viz)
-        results: dict[Any, dict] = {}
-        exit_code, pending = EXIT_OK, list(refs)
+        rows: list[dict | None] = [None] * len(plan)
+        for i, placement in enumerate(plan):
+            if placement.skip:
+                rows[i] = skipped_row(placement)
+                log(f"Skipping {placement.cls.__name__}: {placement.skip}", "SKIP")
+                continue
+            job = vars(self.cfg.job(placement.cls)) | {"device": placement.device}
+            if placement.node is not None:  # the same model on several nodes: a folder per node
+                job["viz_dir"] = str(self.cfg.viz_dir / f"node-{placement.node.node_id[:8]}")
+            gen = task.options(**self.task_options(placement)).remote(script_ref, images_ref, job, timeout,
+                                                                      self.run_tag, not shared)
+            self.running[gen] = i
+        exit_code = EXIT_OK
         try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1, timeout=RAY_POLL_SEC)
-                for ref in done:
-                    row = self.collect(ref, *refs[ref])
-                    results[ref] = row
+            while self.running:
+                ready, _ = ray.wait(list(self.running), num_returns=1, timeout=RAY_POLL_SEC)
+                for gen in ready:
+                    row = self.next_message(gen, plan[self.running[gen]])
+                    if row is None:
+                        continue
+                    rows[self.running.pop(gen)] = row
                     if row["status"] in FAILED_STATUSES:
                         exit_code = EXIT_MODEL_FAILED
                         if not self.cfg.keep_going:
-                            self.cancel(pending)
-                            return RunOutcome(self.ordered(refs, results), exit_code, False)
+                            self.cancel()
+                            return RunOutcome([r for r in rows if r], exit_code, False)
         except (KeyboardInterrupt, RunInterrupted) as e:
-            self.cancel(pending)
+            self.cancel()
             signum = e.signum if isinstance(e, RunInterrupted) else signal.SIGINT
-            return RunOutcome(self.ordered(refs, results), EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM,
+            return RunOutcome([r for r in rows if r], EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM,
                               False, signal.Signals(signum).name)
-        return RunOutcome(self.ordered(refs, results), exit_code, True)
+        return RunOutcome([r for r in rows if r], exit_code, True)
 
-    def collect(self, ref, cls: type[ModelBenchmark], node: dict | None, viz_dir: Path, node_viz: str | None) -> dict:
-        """A finished task's row; a task that died is a crashed row naming its node."""
+    def next_message(self, gen, placement: Placement) -> dict | None:
+        """A task's next message: None for its first (the node it runs on, noted), else its row; a
+        task that died is a crashed row naming that node."""
         import ray
 
         try:
-            row = ray.get(ref)
-        except ray.exceptions.RayError as e:
-            where = f"node {node['NodeID'][:12]}" if node else "its node"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            row = status_row(cls, "crashed", f"{cls.__name__}: the Ray task on {where} died: {type(e).__name__}: {first}")
+            message = ray.get(next(gen))
+        except (StopIteration, ray.exceptions.RayError) as e:
+            node_id = self.started_on.get(gen) or (placement.node.node_id if placement.node else None)
+            error = e if isinstance(e, ray.exceptions.RayError) else RuntimeError("the task ended without a row")
+            row = dead_task_row(placement, self.node(node_id) if node_id else None, error)
             log(row["error"], "ERROR")
             return row
-        row["node_label"] = f"{row['node']['hostname']} {row['node_id'][:8]} {row['node']['gpu_name'] or 'CPU'}"
-        log(f"{cls.__name__} on node {row['node_label']}: {row['status']}", "RAY")
-        if node_viz and row.get("viz_dir"):
-            self.pull_files(row, Path(node_viz), viz_dir)  # node_viz: this task's own folder
+        if "class_name" not in message:
+            self.started_on[gen] = message["node_id"]
+            return None
+        node = self.node(message["node_id"])
+        node.facts = node.facts or {k: v for k, v in message.get("node", {}).items() if k != "environment"}
+        row = placed_row(message, node)
+        log(f"{placement.cls.__name__} on node {row['node_label']}: {row['status']}", "RAY")
+        node_viz = row.pop("node_viz", None)
+        if node_viz and row.get("viz_dir"):  # node_viz: this task's own folder
+            target = self.cfg.viz_dir / f"node-{node.node_id[:8]}" if placement.node else self.cfg.viz_dir
+            self.pull_files(row, Path(node_viz), target)
         return row
 
-    def cancel(self, pending: list) -> None:
+    def cancel(self) -> None:
+        """Stop every running task (its runner and worker die with it) and give them a moment to end."""
         import ray
 
-        for ref in pending:
-            ray.cancel(ref, force=True)  # kills the task's process; its runner and worker die with it
-
-    @staticmethod
-    def ordered(refs: dict, results: dict) -> list[dict]:
-        return [results[r] for r in refs if r in results]
+        tasks, self.running = list(self.running), {}
+        for gen in tasks:
+            ray.cancel(gen, force=True)  # kills the task's process; its runner and worker die with it
+        deadline = time.monotonic() + RAY_CANCEL_WAIT_SEC
+        for gen in tasks:  # drain each until its error (cancelled) or its end
+            with contextlib.suppress(Exception):
+                while ray.wait([gen], timeout=max(0.0, deadline - time.monotonic()))[0]:
+                    ray.get(next(gen))
 
 
 def merged_fleet_report(payload: dict, cfg: RunConfig) -> list[Path]:
-    """--fleet every-node / every-gpu-type: one cross-machine report, a column per node."""
+    """--fleet every-node / every-gpu-type: one cross-machine report, a column per node (its skipped
+    and crashed models say so in their cells)."""
     by_node: dict[str, list[dict]] = {}
     for row in payload["results"]:
         if row.get("node_label"):
             by_node.setdefault(row["node_label"], []).append(row)
-    payloads = [{"run_id": payload["run_id"], "environment": rows[0]["node"]["environment"], "results": rows}
-                for rows in by_node.values()]
+    payloads = [{"run_id": payload["run_id"], "results": rows,
+                 "environment": next((r["node"]["environment"] for r in rows if (r.get("node") or {}).get("environment")),
+                                     {})} for rows in by_node.values()]
     return write_merged_report(payloads, list(by_node), cfg.results_dir, cfg.timestamp)
 
 
