@@ -109,6 +109,7 @@ HF_HOST, ASSETS_HOST = "huggingface.co", "github.com"
 EXIT_OK, EXIT_MODEL_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_REGRESSION = 0, 1, 2, 3, 4
 EXIT_HISTORY_UNUSABLE = 5        # --fail-on-regression, and the history could not be read or written
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour codes, never on the console
 
 
 def log(message: str, level: str = "INFO") -> None:
@@ -4631,7 +4632,7 @@ def skipped_row(placement: Placement) -> dict:
 def dead_task_row(placement: Placement, node: FleetNode | None, error: BaseException) -> dict:
     """The row of a task that died (its worker or node lost, or cancelled): crashed, naming its node."""
     cls = placement.cls
-    text = AsciiStream.ANSI.sub("", str(error)).strip()
+    text = ANSI_ESCAPE.sub("", str(error)).strip()
     first = text.splitlines()[0] if text else type(error).__name__
     where = node.where if node else "no node yet (it died before it started)"
     row = status_row(cls, "crashed", f"{cls.__name__}: the Ray task on {where} died: {type(error).__name__}: {first}",
@@ -5155,6 +5156,7 @@ class RayFleet:
             if placement.skip:
                 rows[i] = skipped_row(placement)
                 log(f"Skipping {placement.cls.__name__}: {placement.skip}", "SKIP")
+                self.cfg.note_finished(rows[i])
                 continue
             job = vars(self.cfg.job(placement.cls)) | {"device": placement.device}
             if placement.node is not None:  # the same model on several nodes: a folder per node
@@ -5162,6 +5164,7 @@ class RayFleet:
             gen = task.options(**self.task_options(placement)).remote(script_ref, images_ref, job, timeout,
                                                                       self.run_tag, not shared)
             self.running[gen] = i
+            self.cfg.note_started(placement.cls)
         exit_code = EXIT_OK
         try:
             while self.running:
@@ -5171,6 +5174,7 @@ class RayFleet:
                     if row is None:
                         continue
                     rows[self.running.pop(gen)] = row
+                    self.cfg.note_finished(row)  # durable before the next row is taken
                     if row["status"] in FAILED_STATUSES:
                         exit_code = EXIT_MODEL_FAILED
                         if not self.cfg.keep_going:
@@ -5474,13 +5478,11 @@ def claim_timestamp(output_dir: Path) -> str:
 class AsciiStream(io.TextIOBase):
     """Wraps stdout/stderr: strips ANSI colours and replaces non-ASCII (emojis) with '?'."""
 
-    ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
     def __init__(self, stream):
         self._stream = stream
 
     def write(self, text: str) -> int:
-        self._stream.write(self.ANSI.sub("", text).encode("ascii", "replace").decode("ascii"))
+        self._stream.write(ANSI_ESCAPE.sub("", text).encode("ascii", "replace").decode("ascii"))
         return len(text)
 
     def flush(self) -> None:
