@@ -217,6 +217,16 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def fsync_folder(folder: Path) -> None:
+    """Make a new file's name durable (its folder's entry), where the platform allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a whole file or nothing: temporary file in the same folder, fsync, rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -226,6 +236,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -2942,31 +2953,14 @@ def parse_journal(data: bytes) -> tuple[list[dict], int]:
     return entries, torn
 
 
-def fsync_folder(folder: Path) -> None:
-    """Make a new file's name durable (its folder's entry), where the platform allows it."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class RunJournal:
-    """Append-only, fsync'd: the run's header, then 'started' and 'finished' per model. A journal
-    that cannot be written is a warning (the run goes on, without the protection)."""
+    """Append-only, fsync'd: the run's header, then 'started' and 'finished' per model, and
+    'ended' once the run knows its outcome. The file is created with the first model's entry (a
+    run stopped by a usage error leaves none). A journal that cannot be written is a warning:
+    the run goes on, without the protection."""
 
     def __init__(self, path: Path, header: dict):
-        self.path, self.fd = path, None
-        try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-            self._append({"event": "start", **header})
-            fsync_folder(path.parent)
-        except OSError as e:
-            self._give_up(e)
-        if self.fd is None:  # no header: an empty journal would only puzzle the next run
-            with contextlib.suppress(OSError):
-                path.unlink()
+        self.path, self.header, self.fd, self.failed = path, header, None, False
 
     def started(self, class_name: str) -> None:
         self._append({"event": "started", "class_name": class_name})
@@ -2974,9 +2968,27 @@ class RunJournal:
     def finished(self, row: dict) -> None:
         self._append({"event": "finished", "row": row})
 
+    def ended(self, complete: bool, exit_code: int, interrupted_by: str | None) -> None:
+        """The run's own outcome, before its reports: a journal left after this was not a death."""
+        self._append({"event": "ended", "complete": complete, "exit_code": exit_code, "interrupted_by": interrupted_by})
+
+    def _open(self) -> None:
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except OSError as e:
+            self._give_up(e)
+            return
+        self._append({"event": "start", **self.header})
+        fsync_folder(self.path.parent)
+        if self.fd is None:  # not even the header: an empty journal would only puzzle the next run
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
     def discard(self) -> None:
-        """The run's reports and history entry are written: the journal has done its work."""
+        """The run's reports and history entry are written (and their names durable): the journal
+        has done its work."""
         self.close()
+        fsync_folder(self.path.parent)
         with contextlib.suppress(OSError):
             self.path.unlink()
 
@@ -2986,6 +2998,8 @@ class RunJournal:
             self.fd = None
 
     def _append(self, entry: dict) -> None:
+        if self.fd is None and not self.failed:
+            self._open()
         if self.fd is None:
             return
         data = journal_line({**entry, "wall_time": time.time()})
@@ -2999,6 +3013,7 @@ class RunJournal:
     def _give_up(self, error: OSError) -> None:
         log(f"The progress journal {self.path} could not be written ({error.strerror or error}): if this run "
             f"dies, its finished models cannot be recovered", "WARNING")
+        self.failed = True
         self.close()
 
 
@@ -3010,7 +3025,8 @@ def read_journal(path: Path) -> dict:
                           f"move it aside")
     rows = [e["row"] for e in entries if e.get("event") == "finished"]
     started = [e["class_name"] for e in entries if e.get("event") == "started"]
-    return {"header": entries[0], "rows": rows, "started": started, "torn_lines": torn,
+    ended = next((e for e in entries if e.get("event") == "ended"), None)
+    return {"header": entries[0], "rows": rows, "started": started, "ended": ended, "torn_lines": torn,
             "last_wall_time": entries[-1]["wall_time"]}
 
 
@@ -3071,11 +3087,12 @@ class RunConfig:
 
     @classmethod
     def from_record(cls, record: dict) -> RunConfig:
-        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__ and k not in cls.RECORD_SKIPS}
         return cls(**{**known, "models": resolve_models(",".join(record["models"])),
                       "images": [Path(p) for p in record["images"]], "device": torch.device(record["device"]),
                       "models_dir": Path(record["models_dir"]), "output_dir": Path(record["output_dir"]),
-                      "options": RunOptions(**record["options"])})
+                      "options": RunOptions(**{k: v for k, v in record["options"].items()
+                                               if k in RunOptions.__dataclass_fields__})})
 
     def note_started(self, cls: type[ModelBenchmark]) -> None:
         if self.journal:
@@ -3144,14 +3161,19 @@ def prepare_random_checkpoint(cls: type[ModelBenchmark], weights: str, work_dir:
         raise BenchError(f"building seeded random weights for {cls.__name__} failed (exit {proc.returncode}): {tail}")
     log(f"Seeded random weights built and saved by a short-lived process in {time.perf_counter() - start:.2f}s "
         f"(the builder runs a forward; the benchmarked process loads the checkpoint)", "LOAD")
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-    try:  # whole or not at all: a torn cache file would be loaded by every later run
+    tmp = None
+    try:  # whole and durable, or not at all: a torn cache file would be loaded by every later run
         cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, tmp)
+        fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", suffix=".tmp", dir=cached.parent)
+        with os.fdopen(fd, "wb") as f, open(path, "rb") as src:
+            shutil.copyfileobj(src, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, cached)
+        fsync_folder(cached.parent)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        with contextlib.suppress(OSError, TypeError):
+            os.unlink(tmp)
         log(f"The random checkpoint could not be cached in {cached.parent} ({e.strerror or e}): later runs build "
             f"it again (set {RANDOM_CACHE_ENV} to a writable folder)", "WARNING")
     return path
@@ -3346,8 +3368,20 @@ class RunOutcome:
 
 
 def run_benchmark(cfg: RunConfig) -> RunOutcome:
-    """Benchmark the selected models one after another (fail-fast unless --keep-going)."""
+    """Benchmark the selected models one after another (fail-fast unless --keep-going). An
+    interrupt anywhere in the loop (a model, the pause between models) keeps what finished."""
     results: list[dict] = []
+    try:
+        return run_models(cfg, results)
+    except KeyboardInterrupt:
+        return RunOutcome(results, EXIT_SIGINT, False, "SIGINT")
+    except RunInterrupted as e:
+        return RunOutcome(results, EXIT_SIGINT if e.signum == signal.SIGINT else EXIT_SIGTERM, False,
+                          signal.Signals(e.signum).name)
+
+
+def run_models(cfg: RunConfig, results: list[dict]) -> RunOutcome:
+    """The loop of run_benchmark: each row appended to results (and the journal) as it comes."""
     exit_code = EXIT_OK
     for position, cls in enumerate(cfg.models, 1):
         banner(f"[{position}/{len(cfg.models)}] {cls.__name__}")
@@ -3357,13 +3391,7 @@ def run_benchmark(cfg: RunConfig) -> RunOutcome:
             cfg.note_finished(results[-1])
             continue
         cfg.note_started(cls)
-        try:
-            row = execute_model(cls, cfg)
-        except KeyboardInterrupt:
-            return RunOutcome(results, EXIT_SIGINT, False, "SIGINT")
-        except RunInterrupted as e:
-            return RunOutcome(results, EXIT_SIGINT if e.signum == signal.SIGINT else EXIT_SIGTERM, False,
-                              signal.Signals(e.signum).name)
+        row = execute_model(cls, cfg)
         results.append(row)
         cfg.note_finished(row)
         if row["status"] in FAILED_STATUSES:
@@ -3545,18 +3573,25 @@ def payload_from_report(path: Path) -> dict:
         raise UsageError(f"{path} is not a readable report JSON ({e})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("results"), list):
         raise UsageError(f"{path} is not a vision-bench report: no 'results' list")
-    notes = payload.setdefault("import_notes", [])
-    payload["results"] = [report_row(raw, i, path, notes) for i, raw in enumerate(payload["results"], 1)]
-    payload["results"] = [r for r in payload["results"] if r is not None]
+    notes = payload["import_notes"] = [n for n in payload.get("import_notes") or [] if isinstance(n, str)]
+    rows = [report_row(raw, i, path, notes) for i, raw in enumerate(payload["results"], 1)]
+    payload["results"] = list({r["class_name"]: r for r in rows if r is not None}.values())
+    if len(payload["results"]) < len([r for r in rows if r is not None]):
+        notes.append("a model appears more than once: its last row is kept")
     if not isinstance(payload.get("environment"), dict):
         notes.append(f"no environment: the host is taken as this machine's ({socket.gethostname()}), library "
                      f"versions are unknown")
         payload["environment"] = {"device": payload.get("device")}
     env = payload["environment"]
     env.setdefault("hostname", socket.gethostname())  # reports before run ids: the importing host's
-    payload.setdefault("run_id", str(uuid.uuid5(uuid.NAMESPACE_URL, hashlib.sha256(path.read_bytes()).hexdigest())))
-    payload.setdefault("started_at", report_start(payload.get("timestamp"), path, notes))
-    payload.setdefault("machine_key", machine_key(env))
+    if not isinstance(payload.get("run_id"), str):
+        payload["run_id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, hashlib.sha256(path.read_bytes()).hexdigest()))
+    if not isinstance(payload.get("started_at"), str):
+        payload["started_at"] = report_start(payload.get("timestamp"), path, notes)
+    if not isinstance(payload.get("timestamp"), str):
+        payload["timestamp"] = None
+    if not isinstance(payload.get("machine_key"), str):
+        payload["machine_key"] = machine_key(env)
     payload.setdefault("complete", True)  # reports before the flag were written by finished runs
     return payload
 
@@ -3564,7 +3599,7 @@ def payload_from_report(path: Path) -> dict:
 def report_start(stamp: Any, path: Path, notes: list[str]) -> str:
     """A report's start time from its timestamp, else (noted) the file's modification time."""
     with contextlib.suppress(TypeError, ValueError):
-        return datetime.strptime(stamp or "19700101_000000", TIMESTAMP_FORMAT).isoformat()
+        return datetime.strptime(stamp, TIMESTAMP_FORMAT).isoformat()
     notes.append(f"timestamp {stamp!r} is not {TIMESTAMP_FORMAT}: the file's modification time is used")
     return datetime.fromtimestamp(path.stat().st_mtime).isoformat()
 
@@ -3579,6 +3614,9 @@ def registry_class(name: str) -> type[ModelBenchmark] | None:
                 None)
 
 
+SPEC_NUMBERS = ("load_time_sec", "avg_inference_sec", "std_inference_sec", "min_inference_sec", "max_inference_sec",
+                "fps_avg", "fps_std", "mem_before_mb", "mem_after_load_mb", "mem_peak_mb", "mem_after_cleanup_mb",
+                "total_params", "total_layers_dissected", "input_size")
 SPEC_LAYOUT_NOTE = ("rows in the spec's layout: image names, preprocessing and postprocessing times, per-run memory "
                     "and the machine's details are not in them; images are numbered in their order, run 1 is cold")
 
@@ -3586,27 +3624,47 @@ SPEC_LAYOUT_NOTE = ("rows in the spec's layout: image names, preprocessing and p
 def report_row(raw: Any, index: int, path: Path, notes: list[str]) -> dict | None:
     """One row of a report: this program's as it is; the spec's layout (no class_name, no status)
     mapped to the registry, as ok, its samples split by image (cold first); None when left out."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("model_name") or raw.get("class_name"), str):
+    names = [n for n in (raw.get("class_name"), raw.get("model_name")) if isinstance(n, str)] if isinstance(raw, dict) else []
+    if not names:
         raise UsageError(f"{path} is not a benchmark report: result {index} names no model_name")
-    if "class_name" in raw and "status" in raw:
+    if isinstance(raw.get("class_name"), str) and isinstance(raw.get("status"), str):
         return raw
-    cls = registry_class(raw.get("class_name") or raw["model_name"])
+    cls = next(filter(None, map(registry_class, names)), None)
     if cls is None:
-        notes.append(f"model {raw['model_name']!r} is not one of this program's models: its row was left out")
+        notes.append(f"model {names[-1]!r} is not one of this program's models: its row was left out")
         return None
-    times = [float(t) for t in raw.get("inference_times_sec") or [] if isinstance(t, (int, float))]
-    per_image = int(raw.get("num_runs_per_image") or len(times) or 1)
-    runs = [{"image": f"image {i // per_image + 1}", "run": i % per_image + 1, "inference_sec": t}
-            for i, t in enumerate(times)]
+    runs = spec_samples(raw, cls, notes)
     warm = [r["inference_sec"] for r in runs if r["run"] > 1]
-    if not times and not raw.get("runs"):
-        notes.append(f"{cls.MODEL_NAME}: no inference_times_sec: averages only, no samples to test against")
     if SPEC_LAYOUT_NOTE not in notes:
         notes.append(SPEC_LAYOUT_NOTE)
-    derived = {"runs": runs, "cold_inference_sec": times[0] if times else None, "warm_samples": len(warm),
-               "warm_median_sec": float(np.median(warm)) if warm else None}
-    return {**derived, **raw, "reported_model_name": raw["model_name"], "model_name": cls.MODEL_NAME,
-            "class_name": cls.__name__, "short_name": cls.SHORT_NAME, "status": raw.get("status", "ok")}
+    derived = {"runs": runs, "cold_inference_sec": runs[0]["inference_sec"] if runs else None,
+               "warm_samples": len(warm), "warm_median_sec": float(np.median(warm)) if warm else None}
+    numbers = {k: v for k, v in raw.items() if k in SPEC_NUMBERS}
+    return {**derived, **{k: v for k, v in raw.items() if k not in SPEC_NUMBERS},
+            **{k: v if isinstance(v, (int, float)) and math.isfinite(v) else None for k, v in numbers.items()},
+            "reported_model_name": names[-1], "model_name": cls.MODEL_NAME, "class_name": cls.__name__,
+            "short_name": cls.SHORT_NAME, "status": raw.get("status") if isinstance(raw.get("status"), str) else "ok"}
+
+
+def spec_samples(raw: dict, cls: type[ModelBenchmark], notes: list[str]) -> list[dict]:
+    """inference_times_sec split into images of num_runs_per_image runs (or the samples over
+    num_images), by position; entries that are not numbers are dropped after numbering, noted."""
+    if isinstance(raw.get("runs"), list):
+        return raw["runs"]
+    times = raw.get("inference_times_sec")
+    if not isinstance(times, list) or not times:
+        notes.append(f"{cls.MODEL_NAME}: no inference_times_sec list: averages only, no samples to test against")
+        return []
+    per_image = raw.get("num_runs_per_image")
+    if not (isinstance(per_image, int) and per_image > 0):
+        images = raw.get("num_images")
+        per_image = len(times) // images if isinstance(images, int) and images > 0 and len(times) % images == 0 else len(times)
+        notes.append(f"{cls.MODEL_NAME}: no usable num_runs_per_image: {per_image} run(s) per image assumed")
+    runs = [{"image": f"image {i // per_image + 1}", "run": i % per_image + 1, "inference_sec": float(t)}
+            for i, t in enumerate(times) if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)]
+    if len(runs) < len(times):
+        notes.append(f"{cls.MODEL_NAME}: {len(times) - len(runs)} sample(s) that are not numbers left out")
+    return runs
 
 
 class HistoryStore:
@@ -3771,14 +3829,12 @@ def import_reports(store: HistoryStore, folder: Path) -> tuple[int, int]:
     for path in sorted(folder.glob("benchmark_results_*.json")):
         try:
             payload = read_report(path)
-        except UsageError as e:
-            log(f"Not imported: {e}", "WARNING")
+            stored = store.add_run(payload, f"import:{path}")
+        except (UsageError, sqlite3.Error) as e:
+            log(f"Not imported: {path}: {e}", "WARNING")
             unreadable.append(path.name)
             continue
-        if store.add_run(payload, f"import:{path}"):
-            added += 1
-        else:
-            present += 1
+        added, present = added + stored, present + (not stored)
     if unreadable:
         raise UsageError(f"--import-reports {folder}: imported {added} ({present} already there); {len(unreadable)} "
                          f"file(s) are not reports and were left out: {', '.join(unreadable)}")
@@ -3786,8 +3842,12 @@ def import_reports(store: HistoryStore, folder: Path) -> tuple[int, int]:
 
 
 def read_report(path: Path) -> dict:
-    """payload_from_report, with what it could not take from the file on the console."""
-    payload = payload_from_report(path)
+    """payload_from_report, with what it could not take from the file on the console; a file
+    whose values this program cannot use is a usage error naming it."""
+    try:
+        payload = payload_from_report(path)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UsageError(f"{path} is not a report this program can read ({type(e).__name__}: {e})") from None
     for note in payload["import_notes"]:
         log(f"{path.name}: {note}", "IMPORT")
     return payload
@@ -4356,7 +4416,7 @@ def generate_reports(payload: dict, cfg: RunConfig, trends: dict[str, list[dict]
     texts = [json.dumps(payload, indent=2, default=str, ensure_ascii=False), csv_text(payload["results"]),
              markdown_text(payload, cfg)]
     try:
-        for path, text in zip(paths, texts):
+        for path, text in reversed(list(zip(paths, texts))):  # the JSON last: there, the run's reports are all there
             atomic_write_text(path, text)
     except OutputError:
         for path in paths:
@@ -5086,16 +5146,22 @@ class RayFleet:
         pull = ray.remote(ray_pull_files).options(
             num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(row["node_id"], soft=False))
         chunks = 0
-        for ref in pull.remote(str(source), RAY_CHUNK_BYTES):
-            rel, offset, data = ray.get(ref)
-            path = target / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "r+b" if offset else "wb") as f:
-                f.seek(offset)
-                f.write(data)
-            chunks += 1
+        try:
+            for ref in pull.remote(str(source), RAY_CHUNK_BYTES):
+                rel, offset, data = ray.get(ref)
+                path = target / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "r+b" if offset else "wb") as f:
+                    f.seek(offset)
+                    f.write(data)
+                chunks += 1
+        except (ray.exceptions.RayError, OSError) as e:  # the node went, or this disk is full: keep the row
+            row["files_transfer"] = f"failed after {chunks} chunk(s): {type(e).__name__}: {str(e).strip()[:200]}"
+            log(f"{row['class_name']} on node {row.get('node_label')}: its dissection files did not all arrive "
+                f"({row['files_transfer']}); its figures are kept", "WARNING")
+        else:
+            row["files_transfer"] = f"object store, {chunks} chunk(s) of at most {RAY_CHUNK_BYTES // 1024**2} MB"
         row["viz_dir"] = str(target / row["class_name"])
-        row["files_transfer"] = f"object store, {chunks} chunk(s) of at most {RAY_CHUNK_BYTES // 1024**2} MB"
 
     def remove_litter(self) -> None:
         """This run's folders on every node it used, removed by one small task per node (a task
@@ -5164,7 +5230,6 @@ class RayFleet:
             gen = task.options(**self.task_options(placement)).remote(script_ref, images_ref, job, timeout,
                                                                       self.run_tag, not shared)
             self.running[gen] = i
-            self.cfg.note_started(placement.cls)
         exit_code = EXIT_OK
         try:
             while self.running:
@@ -5200,8 +5265,9 @@ class RayFleet:
             row = dead_task_row(placement, self.node(node_id) if node_id else None, error)
             log(row["error"], "ERROR")
             return row
-        if "class_name" not in message:
+        if "class_name" not in message:  # the task started on its node
             self.started_on[gen] = message["node_id"]
+            self.cfg.note_started(placement.cls)
             return None
         node = self.node(message["node_id"])
         node.facts = node.facts or {k: v for k, v in message.get("node", {}).items() if k != "environment"}
@@ -5576,6 +5642,7 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     outcome = run_benchmark(cfg)
             total_time_sec = time.perf_counter() - start
+        cfg.journal.ended(outcome.complete, outcome.exit_code, outcome.interrupted_by)
         payload, paths = report_run(outcome, cfg, total_time_sec, env)
         cfg.journal.discard()
         if args.keep_viz and outcome.complete and outcome.exit_code == EXIT_OK:
@@ -5618,39 +5685,66 @@ def run_exit_code(model_exit_code: int, payload: dict, fail_on_regression: bool)
     return EXIT_OK
 
 
-def recover_dead_runs(output_dir: Path) -> list[Path]:
-    """Reports and a history entry for every run whose journal is still in results/: it died before
-    writing them. Called with the folder's lock held, so no live run owns these journals."""
-    paths: list[Path] = []
+def recover_dead_runs(output_dir: Path) -> int:
+    """Reports and a history entry for every run whose journal is still in results/: it died (or
+    failed) before writing them. Called with the folder's lock held, so no live run owns these
+    journals. A journal that cannot be recovered is renamed aside, named; returns how many were."""
+    failed = 0
     for journal in sorted((output_dir / "results").glob(f"{JOURNAL_PREFIX}*.jsonl")):
         try:
-            paths += recover_run(journal)
-        except BenchError as e:
-            log(f"The journal {journal} of a run that died could not be recovered: {e}", "WARNING")
-    return paths
+            recover_run(journal)
+        except Exception as e:  # whatever is wrong with one journal, later runs must not trip on it
+            aside = journal.with_name(journal.name + ".unrecoverable")
+            with contextlib.suppress(OSError):
+                journal.rename(aside)
+            log(f"The journal {journal} of a run that died could not be recovered ({type(e).__name__}: {e}); "
+                f"moved aside to {aside.name}", "WARNING")
+            failed += 1
+    return failed
+
+
+def recovered_config(header: dict, journal: Path) -> RunConfig:
+    """The dead run's configuration, its output folder (and a history inside it) where the journal is now."""
+    record, output_dir = dict(header["config"]), journal.parent.parent
+    old = Path(record["output_dir"])
+    if record.get("history") and Path(record["history"]).is_relative_to(old):
+        record["history"] = str(output_dir / Path(record["history"]).relative_to(old))
+    return RunConfig.from_record({**record, "output_dir": str(output_dir)})
 
 
 def recover_run(journal: Path) -> list[Path]:
     """One dead run from its journal: its finished rows reported under its own timestamp, marked
-    incomplete and naming what was lost, and stored in the history as incomplete (never a baseline)."""
+    incomplete and naming what was lost, and stored in the history as incomplete (never a baseline).
+    The journal is deleted once reports and history entry are written."""
     dead = read_journal(journal)
-    header = dead["header"]
-    cfg = RunConfig.from_record({**header["config"], "output_dir": str(journal.parent.parent)})
+    header, ended = dead["header"], dead["ended"]
+    cfg = recovered_config(header, journal)
     lost = lost_models([c.__name__ for c in cfg.models], dead["started"], dead["rows"])
-    log(f"Run {cfg.timestamp} died before writing its reports; recovering {len(dead['rows'])} finished model(s) "
-        f"from {journal}" + (f"; lost: {', '.join(lost)}" if lost else "")
+    how = "failed to write its reports" if ended else "died before writing its reports"
+    log(f"Run {cfg.timestamp} {how}; recovering {len(dead['rows'])} finished model(s) from {journal}"
+        + (f"; lost: {', '.join(lost)}" if lost else "")
         + (f"; {dead['torn_lines']} torn line(s) ignored" if dead["torn_lines"] else ""), "RECOVER")
-    if (cfg.results_dir / f"benchmark_results_{cfg.timestamp}.json").exists():
-        log(f"Run {cfg.timestamp}'s reports were written before it died: they are left as they are", "RECOVER")
-        journal.unlink()
+    report = cfg.results_dir / f"benchmark_results_{cfg.timestamp}.json"
+    if report.exists():  # written last: the run's reports are all there, perhaps not its history entry
+        payload = {**payload_from_report(report), "history": cfg.history, "verdicts": []}
+        if cfg.history:
+            store_in_history(payload, "run" if payload.get("complete") else "recovered")
+        if not payload.get("history_note"):
+            journal.unlink()
+        log(f"Run {cfg.timestamp}'s reports were written before it ended: left as they are", "RECOVER")
         return []
-    outcome = RunOutcome(dead["rows"], EXIT_MODEL_FAILED, False, "its death (SIGKILL, out of memory or power loss)")
+    outcome = (RunOutcome(dead["rows"], ended["exit_code"], ended["complete"], ended["interrupted_by"]) if ended else
+               RunOutcome(dead["rows"], EXIT_MODEL_FAILED, False, "its death (SIGKILL, out of memory or power loss)"))
     recovered = {"journal": str(journal), "recovered_at": datetime.now().isoformat(timespec="seconds"),
-                 "lost": lost, "torn_lines": dead["torn_lines"]}
-    _, paths = report_run(outcome, cfg, dead["last_wall_time"] - header["wall_time"], header["environment"],
-                          {"image_set": header["image_set"], "recovered": recovered}, source="recovered")
-    journal.unlink()
-    log(f"Run {cfg.timestamp} recovered, marked incomplete: " + ", ".join(str(p) for p in paths), "RECOVER")
+                 "lost": lost, "torn_lines": dead["torn_lines"], "how": how}
+    payload, paths = report_run(outcome, cfg, dead["last_wall_time"] - header["wall_time"], header["environment"],
+                                {"image_set": header["image_set"], "recovered": recovered}, source="recovered")
+    if payload.get("history_note"):
+        log(f"The journal {journal} is kept: the history could not take the run (the next run tries again)", "RECOVER")
+    else:
+        journal.unlink()
+    log(f"Run {cfg.timestamp} recovered, marked {'complete' if outcome.complete else 'incomplete'}: "
+        + ", ".join(str(p) for p in paths), "RECOVER")
     return paths
 
 
@@ -5764,10 +5858,20 @@ def recover_tool(output_dir: Path) -> int:
         journals = sorted((output_dir / "results").glob(f"{JOURNAL_PREFIX}*.jsonl"))
         if not journals:
             log(f"Nothing to recover in {output_dir / 'results'}: no run died there before writing its reports")
-        recover_dead_runs(output_dir)
+        failed = recover_dead_runs(output_dir)
     finally:
         lock.release()
-    return EXIT_OK
+    return EXIT_MODEL_FAILED if failed else EXIT_OK
+
+
+def exit_at_once(code: int) -> None:
+    """End a worker or builder process once its work is on the pipe or on disk: output flushed,
+    without the interpreter's teardown of torch and the model libraries (about a second, during
+    which the runner would wait before the next model)."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -5775,9 +5879,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with plain_output():
         if argv[:1] == ["--worker"]:  # internal: one model's worker process (see WorkerProcess)
-            return worker_main(Path(argv[1]), int(argv[2]))
+            exit_at_once(worker_main(Path(argv[1]), int(argv[2])))
         if argv[:1] == ["--build-random"]:  # internal: see prepare_random_checkpoint
-            return build_random_main(argv[1], Path(argv[2]))
+            exit_at_once(build_random_main(argv[1], Path(argv[2])))
         if argv[:1] == ["--node-run"]:  # internal: one model on a Ray node (see ray_model_task)
             return node_run_main(Path(argv[1]), Path(argv[2]), argv[3])
         if argv[:1] == ["--node-preflight"]:  # internal: see RayFleet.preflight

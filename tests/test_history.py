@@ -426,3 +426,28 @@ def test_json_that_is_not_a_report_is_exit_2_with_the_file_named(tmp_path, capsy
     for args in (["--merge", path], ["--compare", path, path], ["--import-reports", tmp_path]):
         code, text = run_main(capsys, *args, "--output-dir", tmp_path, "--history", tmp_path / "h.sqlite")
         assert code == 2 and says in text and path.name in text and "Traceback" not in text, (args, text)
+
+
+@pytest.mark.parametrize("row, note", [
+    ({"model_name": "YOLO11n-Detect", "inference_times_sec": [0.9, None, 0.1, 0.1, 0.8, 0.1, "x", 0.1],
+      "num_runs_per_image": 4, "mem_peak_mb": "512"}, "2 sample(s) that are not numbers left out"),
+    ({"model_name": "yolo11n-detect", "inference_times_sec": [0.9, 0.1, 0.1, 0.1, 0.8, 0.1, 0.1, 0.1],
+      "num_runs_per_image": 0, "num_images": 2}, "4 run(s) per image assumed"),
+    ({"model_name": "YOLO11n-Detect", "inference_times_sec": 0.05, "num_runs_per_image": "abc"},
+     "no inference_times_sec list"),
+    ({"class_name": "YOLO11nDetectBenchmark", "inference_times_sec": [0.9, 0.1, 0.1, 0.1, 0.8, 0.1, 0.1, 0.1],
+      "num_runs_per_image": 4}, "spec's layout"),
+])
+def test_odd_values_in_a_spec_report_are_noted_never_a_traceback(tmp_path, capsys, row, note):
+    path = tmp_path / "benchmark_results_x.json"
+    path.write_text(json.dumps({"timestamp": None, "import_notes": None, "run_id": 7, "results": [row, row]}))
+    code, text = run_main(capsys, "--import-reports", tmp_path, "--history", tmp_path / "h.sqlite")
+    assert code == 0 and "Traceback" not in text, text
+    assert note in text and "modification time" in text and "more than once" in text
+    payload = ub.read_report(path)
+    (imported,) = payload["results"]
+    runs = imported["runs"]
+    if runs:  # by position: image 2's cold run stays image 2's, whatever was dropped before it
+        assert [r["inference_sec"] for r in runs if r["run"] == 1] == [0.9, 0.8]
+        assert imported["warm_median_sec"] == pytest.approx(0.1)
+    assert imported.get("mem_peak_mb") is None or isinstance(imported["mem_peak_mb"], float)

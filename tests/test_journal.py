@@ -34,11 +34,12 @@ def test_the_journal_is_fsynced_per_entry_and_reads_back(tmp_path, monkeypatch):
     real_fsync = os.fsync
     monkeypatch.setattr(ub.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     journal = ub.RunJournal(tmp_path / "journal_x.jsonl", {"config": {"models": ["A", "B", "C"]}})
-    writes = len(synced)
-    journal.started("A")
-    journal.finished({"class_name": "A", "status": "ok"})
-    journal.started("B")
-    assert len(synced) == writes + 3  # every entry on disk before the call returns
+    assert not (tmp_path / "journal_x.jsonl").exists()  # nothing before the first model: a usage error leaves none
+    for call in (lambda: journal.started("A"), lambda: journal.finished({"class_name": "A", "status": "ok"}),
+                 lambda: journal.started("B")):
+        before = len(synced)
+        call()
+        assert len(synced) > before  # every entry on disk before the call returns
     dead = ub.read_journal(tmp_path / "journal_x.jsonl")
     assert [r["class_name"] for r in dead["rows"]] == ["A"] and dead["started"] == ["A", "B"]
     assert ub.lost_models(["A", "B", "C"], dead["started"], dead["rows"]) == [
@@ -137,23 +138,49 @@ def test_sigkill_during_model_2_loses_nothing_finished(tmp_path, one_image_dir, 
         store.close()
 
 
-def test_recover_option_writes_a_dead_runs_reports(tmp_path, one_image_dir, capsys):
-    """--recover on a journal left by a run that died after a skipped model and during the next."""
+def journal_of(tmp_path, one_image_dir, history: bool = True):
+    """A run's configuration and a journal for it, as run() makes them."""
     cfg = ub.RunConfig(models=ub.resolve_models("dav2-small,yolo11n-detect"),
                        images=[one_image_dir / "bus.jpg"], image_source=str(one_image_dir), runs=2,
                        device=ub.torch.device("cpu"), weights="random", models_dir=tmp_path, output_dir=tmp_path,
                        dissect=False, dissect_mode="single-pass", keep_going=False, timestamp="20260101_000000",
-                       started_at="2026-01-01T00:00:00", history=str(tmp_path / "results" / "history.sqlite"))
-    (tmp_path / "results").mkdir()
+                       started_at="2026-01-01T00:00:00",
+                       history=str(tmp_path / "results" / "history.sqlite") if history else None)
+    (tmp_path / "results").mkdir(exist_ok=True)
     journal = ub.RunJournal(tmp_path / "results" / "journal_20260101_000000.jsonl",
                             {"config": cfg.record(), "environment": ub.environment(cfg.device),
                              "image_set": ub.image_fingerprints(cfg.images)})
+    return cfg, journal
+
+
+def test_a_run_whose_reports_failed_is_recovered_with_its_own_outcome(tmp_path, one_image_dir, capsys):
+    """It did not die: its 'ended' entry says how it ended, and the recovered run is complete."""
+    cfg, journal = journal_of(tmp_path, one_image_dir)
+    skipped = ub.status_row(cfg.models[0], "skipped", "weights missing")
+    journal.finished(skipped)
+    journal.ended(True, ub.EXIT_OK, None)
+    journal.close()
+    code, text = run_main(capsys, "--recover", "--output-dir", tmp_path)
+    assert code == 0 and "failed to write its reports" in text, text
+    report = json.loads((tmp_path / "results" / "benchmark_results_20260101_000000.json").read_text())
+    assert report["complete"] is True and report["recovered"]["how"] == "failed to write its reports"
+
+
+def test_recover_option_writes_a_dead_runs_reports(tmp_path, one_image_dir, capsys):
+    """--recover on a journal left by a run that died after a skipped model and during the next,
+    in a folder moved since (the history inside it follows)."""
+    original, moved = tmp_path / "night", tmp_path / "moved"
+    original.mkdir()
+    cfg, journal = journal_of(original, one_image_dir)
     skipped = ub.status_row(cfg.models[0], "skipped", "weights missing")
     journal.finished(skipped)
     journal.started(cfg.models[1].__name__)
     journal.close()  # the process dies here: nothing else is written
-    code, text = run_main(capsys, "--recover", "--output-dir", tmp_path)
+    saved = journal.path.read_bytes()
+    original.rename(moved)
+    code, text = run_main(capsys, "--recover", "--output-dir", moved)
     assert code == 0, text
+    tmp_path = moved
     report = json.loads((tmp_path / "results" / "benchmark_results_20260101_000000.json").read_text())
     assert report["complete"] is False and report["run_id"] == cfg.run_id
     assert [(r["class_name"], r["status"]) for r in report["results"]] == [(skipped["class_name"], "skipped")]
@@ -162,11 +189,22 @@ def test_recover_option_writes_a_dead_runs_reports(tmp_path, one_image_dir, caps
     assert db.execute("SELECT complete, source FROM runs").fetchall() == [(0, "recovered")]
     code, text = run_main(capsys, "--recover", "--output-dir", tmp_path)
     assert code == 0 and "Nothing to recover" in text
+    # Died after its JSON report (written last) but before its history entry: the history gets it.
+    (tmp_path / "results" / "journal_20260101_000000.jsonl").write_bytes(saved)
+    (tmp_path / "results" / "history.sqlite").unlink()
+    code, text = run_main(capsys, "--recover", "--output-dir", tmp_path)
+    assert code == 0 and "left as they are" in text
+    db = sqlite3.connect(tmp_path / "results" / "history.sqlite")
+    assert db.execute("SELECT run_id, complete FROM runs").fetchall() == [(cfg.run_id, 0)]
+    assert not list((tmp_path / "results").glob("journal_*"))
 
 
-@pytest.mark.parametrize("text", [b"", b"garbage\n"])
-def test_a_journal_without_a_header_is_named_and_left(tmp_path, capsys, text):
+@pytest.mark.parametrize("text", [b"", b"garbage\n", entry(event="start", config={"models": ["Nope"]})])
+def test_a_journal_that_cannot_be_recovered_is_named_and_moved_aside(tmp_path, capsys, text):
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "journal_20260101_000000.jsonl").write_bytes(text)
     code, out = run_main(capsys, "--recover", "--output-dir", tmp_path)
-    assert code == 0 and "could not be recovered" in out and "no readable header" in out
+    assert code == 1 and "could not be recovered" in out and "Traceback" not in out
+    assert [p.name for p in (tmp_path / "results").iterdir()] == ["journal_20260101_000000.jsonl.unrecoverable"]
+    code, out = run_main(capsys, "--recover", "--output-dir", tmp_path)  # later runs are not troubled by it
+    assert code == 0 and "Nothing to recover" in out
