@@ -448,6 +448,16 @@ def compile_warmup_calls(mode: str | None, device_type: str) -> int:
     return 2 if mode in CUDA_GRAPH_COMPILE_MODES and device_type == "cuda" else 1
 
 
+COMPILE_SETTLE_MAX_EXTRA_CALLS = 3  # calls beyond compile_warmup_calls while each still compiles graphs
+
+
+def compile_settled(calls: int, min_calls: int, graphs_grew: bool) -> bool:
+    """Whether a shape's compile warm-up is done: at least min_calls, and the last call compiled
+    no new graph (a model that caches state on its first call, as YOLO's Detect head caches its
+    anchors' shape, fails a guard and recompiles on the second), at most a few calls more."""
+    return calls >= min_calls and (not graphs_grew or calls >= min_calls + COMPILE_SETTLE_MAX_EXTRA_CALLS)
+
+
 PHASES_BEFORE_CUDA = ("import", "runtime init")  # runtime init synchronises at its own end
 
 
@@ -1801,7 +1811,8 @@ class ModelBenchmark(ABC):
 
     def compile(self, images: list[Image.Image]) -> dict:
         """--compile: torch.compile the forward and call it on each distinct input shape until it
-        runs as it will in the samples (compile_warmup_calls: with CUDA graphs, until it replays)."""
+        runs as it will in the samples (compile_warmup_calls: with CUDA graphs, until it replays;
+        then until a call compiles nothing new, compile_settled)."""
         import torch._dynamo
 
         torch._dynamo.reset()
@@ -1811,15 +1822,19 @@ class ModelBenchmark(ABC):
         for image in images:
             inputs = self.prepare(image)
             shapes.setdefault(tuple(first_tensor(inputs)[0].shape), inputs)
-        start = clock(self.device)
+        start, calls = clock(self.device), 0
         for inputs in shapes.values():
-            for _ in range(per_shape):
+            shape_calls, grew = 0, True
+            while not compile_settled(shape_calls, per_shape, grew):
+                before = compiled_graph_count()
                 with torch.inference_mode():
                     self.run_forward(inputs)
+                shape_calls, grew = shape_calls + 1, compiled_graph_count() > before
+            calls += shape_calls
         compile_sec = clock(self.device) - start
         self._graphs_after_compile = compiled_graph_count()
         return {"compile_sec": compile_sec, "compiled_graphs": self._graphs_after_compile,
-                "compile_calls": per_shape * len(shapes), "compile_shapes": len(shapes)}
+                "compile_calls": calls, "compile_shapes": len(shapes)}
 
     def recompilations(self) -> int | None:
         return compiled_graph_count() - self._graphs_after_compile if self._compiled else None
@@ -2719,7 +2734,8 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
     then the cold run and the rest, dissection, cleanup. Returns its result row.
 
     Memory is measured against the baseline taken after runtime init. A global module-call
-    counter runs until the cold run: any forward before it would show as a non-zero count.
+    counter runs through the load (up to the cold run, or to --compile's calls): any forward
+    before it would show as a non-zero count.
     """
     cls, device = job.model_class, torch.device(job.device)
     label = memory_label(device)
@@ -2741,19 +2757,21 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
                 log(f"Weights downloaded in {download_sec:.2f}s (not counted in the load time)", "LOAD")
             log(f"Loading model to {device} ({job.weights} weights, local files only)...", "LOAD")
             load_time_sec, _ = timed_phase(progress, "load", device, bench.load)
-            after_load = get_memory_usage(device)
-            log(f"Model loaded successfully in {load_time_sec:.2f}s from {bench.weight_source}", "LOAD")
-            log(f"{label} after load: {headline_mb(after_load, device):.0f} MB "
-                f"(delta: +{headline_mb(after_load, device) - headline_mb(before, device):.0f} MB)", "MEMORY")
-            first_image = decode_image(Path(job.images[0]))
-            calls_before_compile, compiled = calls.count, {}
-            if options.compile:  # its calls are forwards before the cold run, by design: counted apart
-                images = [first_image] + [decode_image(Path(p)) for p in job.images[1:]]
-                compiled = timed_phase(progress, "compile", device, lambda: bench.compile(images))[1]
-                log(f"torch.compile ({options.compile}): {compiled['compile_calls']} call(s) over "
-                    f"{compiled['compile_shapes']} input shape(s) in {compiled['compile_sec']:.2f}s, "
-                    f"{compiled['compiled_graphs']} graph(s); not latency samples", "COMPILE")
-            compiled["module_calls_in_compile"] = calls.count - calls_before_compile if options.compile else None
+        # The counter's global hook ends here: dynamo guards on global module hooks, so a hook
+        # present while compiling and gone in the runs would recompile every graph in the cold run.
+        # --compile's calls before the cold run are its compile_calls, by design.
+        after_load = get_memory_usage(device)
+        log(f"Model loaded successfully in {load_time_sec:.2f}s from {bench.weight_source}", "LOAD")
+        log(f"{label} after load: {headline_mb(after_load, device):.0f} MB "
+            f"(delta: +{headline_mb(after_load, device) - headline_mb(before, device):.0f} MB)", "MEMORY")
+        first_image = decode_image(Path(job.images[0]))
+        compiled = {}
+        if options.compile:
+            images = [first_image] + [decode_image(Path(p)) for p in job.images[1:]]
+            compiled = timed_phase(progress, "compile", device, lambda: bench.compile(images))[1]
+            log(f"torch.compile ({options.compile}): {compiled['compile_calls']} call(s) over "
+                f"{compiled['compile_shapes']} input shape(s) in {compiled['compile_sec']:.2f}s, "
+                f"{compiled['compiled_graphs']} graph(s); not latency samples", "COMPILE")
         gpu_before = gpu.state()
         with HostActivity() as host:
             runs = timed_runs(bench, job, progress)
@@ -2794,7 +2812,6 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         **options_fields(options),
         "compile_sec": compiled.get("compile_sec"),
         "compile_calls": compiled.get("compile_calls"),
-        "module_calls_in_compile": compiled.get("module_calls_in_compile"),
         "recompilations": bench_recompilations,
         "inference_times_sec": [r["inference_sec"] for r in runs],
         **stats,
@@ -3873,7 +3890,7 @@ EXTRA_CSV_COLUMNS = [
     "dissect_bytes_written", "failed_phase", "failed_image", "worker_signal", "error",
     "dtype", "channels_last", "compile_mode", "fuse", "threads", "interop_threads", "cpu_affinity", "compile_sec",
     "recompilations", "gflops", "achieved_tflops", "peak_tflops", "mfu", "energy_j_per_inference", "power_mean_w",
-    "warm_median_event_sec", "compile_calls", "module_calls_in_compile", "peak_precision", "checkpoint_dtype", "weights_dtype", "nvml",
+    "warm_median_event_sec", "compile_calls", "peak_precision", "checkpoint_dtype", "weights_dtype", "nvml",
     "gpu_own_process", "layer_timing",
 ]
 

@@ -116,6 +116,10 @@ def read_until(proc, pattern: str, lines: list[str], timeout: float = 120) -> re
     pytest.fail(f"never saw {pattern!r}:\n{''.join(lines)}")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over about 30 s here; `-m 'not slow'` is the quick subset")
+
+
 def skip_unless_ci(reason: str) -> None:
     """Skip a test this machine cannot run; in CI (CI set), where everything it needs is
     installed, the same gap is a failure, never a silent skip."""

@@ -232,3 +232,11 @@ def test_the_idle_window_comes_first_after_a_settle(monkeypatch):
     assert log[:first_run] == ["read", "sleep", "read", "sleep", "read", "read"]
     assert figures["energy_runs"] == log.count("run") > 0
     assert figures["power_mean_w"] > figures["power_idle_w"] >= 0
+
+
+def test_compile_warm_up_goes_on_while_a_call_still_compiles():
+    settled = ub.compile_settled
+    assert not settled(0, 1, True) and not settled(1, 1, True) and settled(2, 1, False)  # a recompile, then quiet
+    assert settled(1, 1, False)                    # compiled once, nothing more
+    assert not settled(1, 2, False) and settled(2, 2, False)  # CUDA graphs: the recording call first
+    assert settled(1 + ub.COMPILE_SETTLE_MAX_EXTRA_CALLS, 1, True)  # never forever

@@ -24,6 +24,8 @@ from conftest import REPO, load_report, read_until, start_cli, ub, write_yolo_ch
 
 import ray  # noqa: E402,F401  (in requirements.txt: a missing ray is an error here, never a silent skip)
 
+pytestmark = pytest.mark.slow  # real clusters: about 3 minutes in all
+
 RAY_PROCESSES = re.compile(r"raylet|gcs_server|ray::|default_worker\.py")
 
 

@@ -149,6 +149,7 @@ def warm_verdicts(payloads):
     return [next(v["verdict"] for v in p["verdicts"] if v["metric"] == "warm latency") for p in payloads]
 
 
+@pytest.mark.slow
 def test_quiet_runs_then_busy_runs_give_suspicious_then_regression(nightly):
     out, codes, texts, payloads, _ = nightly
     assert codes == [0, 0, 0, 0, 0, 4], texts[-1]
@@ -173,6 +174,7 @@ def test_quiet_runs_then_busy_runs_give_suspicious_then_regression(nightly):
     assert "| YOLO11n-Detect | warm latency |" in section and "regression" in section
 
 
+@pytest.mark.slow
 def test_history_holds_every_run_with_raw_samples(nightly):
     out, _, _, payloads, _ = nightly
     db = sqlite3.connect(out / "results" / "history.sqlite")
@@ -187,6 +189,7 @@ def test_history_holds_every_run_with_raw_samples(nightly):
     assert stored == [r["inference_sec"] for r in payloads[0]["results"][0]["runs"]]
 
 
+@pytest.mark.slow
 def test_plots_exist_are_valid_pngs_and_are_linked(nightly):
     out, _, _, payloads, reports = nightly
     last = payloads[-1]
@@ -201,6 +204,7 @@ def test_plots_exist_are_valid_pngs_and_are_linked(nightly):
             assert img.format == "PNG"
 
 
+@pytest.mark.slow
 def test_compare_two_real_reports_and_two_run_ids(nightly, capsys):
     out, _, _, payloads, reports = nightly
     code, text = run_main(capsys, "--compare", reports[0], reports[5], "--output-dir", out)
@@ -222,6 +226,7 @@ def test_compare_says_when_samples_are_too_few():
     assert same and rows[0]["ratio"] == 2.0 and rows[0]["verdict"].startswith("too few warm runs (4 vs 4")
 
 
+@pytest.mark.slow
 def test_compare_across_machines_shows_ratios_only(nightly, tmp_path, capsys):
     out, _, _, _, reports = nightly
     other = json.loads(reports[1].read_text(encoding="utf-8"))
@@ -235,6 +240,7 @@ def test_compare_across_machines_shows_ratios_only(nightly, tmp_path, capsys):
     assert "| n/a | n/a |" in row  # no p-value, no verdict
 
 
+@pytest.mark.slow
 def test_merge_reports_from_two_output_folders(nightly, tmp_path, capsys, one_image_dir):
     out, _, _, _, reports = nightly
     code, text = run_main(capsys, "--weights", "random", "--models", "yolo11n-detect,yolo11n-pose", "--runs", "3",

@@ -30,6 +30,7 @@ def worker_pid(proc, lines, class_name: str) -> int:
 # -- a worker that dies or hangs is one row ----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep_going", [True, False])
 def test_sigkilled_worker_is_one_crashed_row(tmp_path, one_image_dir, keep_going):
     """SIGKILL (what the kernel's OOM killer sends) to the real worker in the middle of model 2 of 3."""
@@ -64,6 +65,7 @@ def test_sigkilled_worker_is_one_crashed_row(tmp_path, one_image_dir, keep_going
     assert not pid_alive(pid)
 
 
+@pytest.mark.slow
 def test_hung_worker_is_stopped_at_the_model_timeout(tmp_path, one_image_dir):
     """A real hang: the worker is frozen with SIGSTOP mid-inference; --model-timeout stops it. The
     healthy second model (imports, load, 3 runs: about 8 s here) has 3x that and more in hand."""
@@ -101,6 +103,7 @@ def test_the_module_call_counter_sees_a_builder_forward():
     assert calls.count > 100
 
 
+@pytest.mark.slow
 def test_no_model_forward_before_the_cold_run_random_weights(tmp_path, one_image_dir, capsys):
     """All eight models with random weights, each in its worker: zero module calls before the cold run."""
     code, text = run_main(capsys, "--weights", "random", "--runs", "1", "--no-dissect",
@@ -164,6 +167,7 @@ def test_isolation_none_runs_in_this_process_and_says_so(tmp_path, one_image_dir
 # -- statistics per image ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_per_image_cold_and_warm_on_two_images_of_different_shape(tmp_path, two_image_dir, capsys):
     """DA-V2 keeps the aspect ratio: bus.jpg (portrait) and zidane.jpg (landscape) are two input shapes."""
     code, text = run_main(capsys, "--weights", "random", "--models", "dav2-base,yolo11n-detect", "--runs", "3",

@@ -95,6 +95,7 @@ def dead_run(tmp_path, one_image_dir) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_during_model_2_loses_nothing_finished(tmp_path, one_image_dir, capsys):
     out = dead_run(tmp_path, one_image_dir)
     results = out / "results"

@@ -137,6 +137,7 @@ def write_hub_snapshot(cache, cls, monkeypatch, dtype=torch.float32):
     return sum(p.numel() for p in bench.model.parameters())
 
 
+@pytest.mark.slow
 def test_transformers_pretrained_path_loads_from_the_hf_cache(tmp_path, one_image_dir, monkeypatch):
     """DepthPro and DA-V2 through from_pretrained, as a user's run does, from a cache written here."""
     cache = tmp_path / "hf-cache"

@@ -60,6 +60,7 @@ def test_bf16_channels_last_fuse_threads_on_yolo_recorded_everywhere(tmp_path, o
     assert key["options"] == payload["options"]
 
 
+@pytest.mark.slow
 def test_bf16_on_a_transformers_model(tmp_path, one_image_dir, capsys):
     """DA-V2 Small (reduced configuration) under bf16 autocast: outputs reach the depth
     postprocessing as float32, attention is counted (CPU flash attention has a formula)."""
@@ -87,6 +88,7 @@ def test_bf16_on_a_transformers_model(tmp_path, one_image_dir, capsys):
     assert received == [torch.float32]  # ... and its outputs reached postprocessing as float32
 
 
+@pytest.mark.slow
 def test_compile_on_the_cpu(tmp_path, one_image_dir, capsys):
     """torch.compile for YOLO11n: the first call is compile_sec, not a sample; the runs asked for
     are all there; recompilations are counted."""
@@ -94,13 +96,13 @@ def test_compile_on_the_cpu(tmp_path, one_image_dir, capsys):
     assert code == 0, out
     row = load_report(tmp_path)["results"][0]
     assert row["compile_mode"] == "default" and row["compile_sec"] > 0
-    assert row["compile_calls"] == 1  # one image, one shape, no CUDA graphs on the CPU
+    # One image, one shape, no CUDA graphs on the CPU: one call compiles, YOLO's Detect head then
+    # caches its anchors' shape and the second call recompiles; the third compiles nothing.
+    assert row["compile_calls"] == 3
     assert len(row["inference_times_sec"]) == 3 and row["warm_samples"] == 2
     assert row["recompilations"] == 0  # one image, one shape: nothing compiled after the compile phase
     assert row["compile_sec"] > row["cold_inference_sec"]
-    # The counter stays open through the compile: its calls are all the calls before the cold run.
-    assert row["module_calls_in_compile"] > 0
-    assert row["module_calls_before_cold_run"] == row["module_calls_in_compile"]
+    assert row["module_calls_before_cold_run"] == 0  # up to the compile phase
 
 
 def test_fp16_on_the_cpu_is_a_usage_error(tmp_path, one_image_dir, capsys):

@@ -158,6 +158,7 @@ def worker_vm_size_bytes() -> int:
     return int(proc.stdout.strip()) * 1024
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_named_and_keep_going_runs_the_next_model(tmp_path, one_image_dir):
     """A real MemoryError in the worker: full-size DepthPro (3.8 GB of weights) under an address-space
     limit that every worker inherits from the runner."""
