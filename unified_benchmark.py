@@ -35,7 +35,9 @@ Sections, in dependency order:
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
+import collections.abc
 import contextlib
 import csv
 import ctypes
@@ -103,6 +105,7 @@ TOP_LAYERS = 10                  # the most expensive layers listed per model
 DISSECT_MIN_FREE_MB = 256        # dissection stops cleanly below this much free disk
 NETWORK_CHECK_TIMEOUT_SEC = 4.0
 REDUCED_CONFIG_ENV = "VISION_BENCH_REDUCED_CONFIG"  # "1": small test configs (random weights only)
+CACHE_ENV = "VISION_BENCH_CACHE"  # built random checkpoints and FLOP counts (default ~/.cache/vision-bench)
 LOCK_FILE_NAME = ".vision-bench.lock"
 HF_HOST, ASSETS_HOST = "huggingface.co", "github.com"
 
@@ -225,6 +228,13 @@ def fsync_folder(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def cache_folder() -> Path:
+    """Where built random checkpoints and FLOP counts are kept: $VISION_BENCH_CACHE, else the
+    user's cache folder (~/.cache/vision-bench)."""
+    base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vision-bench"
+    return Path(base)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -930,6 +940,54 @@ def count_flops(forward: Callable[[], Any], leaves: list[tuple[str, torch.nn.Mod
     for op, n in counter.get_flop_counts().get("Global", {}).items():
         by_class[flop_class(str(op))] += n
     return counter.get_total_flops(), per_call, by_class
+
+
+def shapes_of(value: Any) -> Any:
+    """The shapes and dtypes of a model input's tensors (nested as the input is), other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return [list(value.shape), str(value.dtype)]
+    if isinstance(value, collections.abc.Mapping):
+        return {str(k): shapes_of(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [shapes_of(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__qualname__
+
+
+def flop_count_key(forward_name: str, model: torch.nn.Module, inputs: Any, options: RunOptions) -> str:
+    """Everything one forward's FLOP count depends on: this program's text (the formulas and the
+    forward), torch's version, every module's type, every parameter's and buffer's name and shape,
+    the inputs' shapes, and the options that change the graph. Weights' values do not count."""
+    structure = [[name, type(m).__module__, type(m).__qualname__] for name, m in model.named_modules()]
+    tensors = [[name, list(t.shape)] for name, t in model.state_dict().items()]
+    depends = json.dumps([forward_name, torch.__version__, structure, tensors, shapes_of(inputs),
+                          options.dtype, options.fuse, options.channels_last])
+    return hashlib.sha256(SCRIPT_PATH.read_bytes() + depends.encode()).hexdigest()
+
+
+def flop_cache_path(forward_name: str, key: str) -> Path:
+    return cache_folder() / f"flops-{forward_name}-{key[:20]}.json"
+
+
+def read_flop_cache(path: Path, key: str) -> tuple[int, dict[tuple[str, int], int], dict[str, int]] | None:
+    """A FLOP count kept by an earlier run of the same key; None when there is none or it is unreadable."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record["key"] != key:
+            return None
+        per_call = {(name, int(call)): int(n) for name, call, n in record["per_call"]}
+        return int(record["total"]), per_call, {k: int(v) for k, v in record["by_class"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_flop_cache(path: Path, key: str, total: int, per_call: dict[tuple[str, int], int],
+                     by_class: dict[str, int]) -> None:
+    """Keep a FLOP count for later runs; a cache that cannot be written only costs the next run a count."""
+    record = {"key": key, "total": total, "by_class": by_class,
+              "per_call": [[name, call, n] for (name, call), n in per_call.items()]}
+    with contextlib.suppress(OSError, OutputError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record))
 
 
 def flop_class(op_name: str) -> str:
@@ -1892,10 +1950,18 @@ class ModelBenchmark(ABC):
             if self.device.type == "cuda":
                 cuda_empty_cache()
 
-    def count_flops(self, image: Image.Image) -> tuple[int, dict[tuple[str, int], int], dict[str, int]]:
-        """FLOPs of one eager forward on image: in total, per leaf call and per flop_class."""
+    def count_flops(self, image: Image.Image) -> tuple[int, dict[tuple[str, int], int], dict[str, int], str]:
+        """FLOPs of one eager forward on image: in total, per leaf call and per flop_class, and
+        where they came from: "counted" now, or "cache" (counted by an earlier run of the same
+        architecture, input shapes and options: counting imports torch's compiler, seconds per model)."""
         inputs = self.prepare(image)
-        return count_flops(lambda: self.run_forward(inputs, eager=True), leaf_modules(self.model))
+        key = flop_count_key(type(self).__name__, self.model, inputs, self.options)
+        path = flop_cache_path(type(self).__name__, key)
+        if (cached := read_flop_cache(path, key)) is not None:
+            return (*cached, "cache")
+        counted = count_flops(lambda: self.run_forward(inputs, eager=True), leaf_modules(self.model))
+        write_flop_cache(path, key, *counted)
+        return (*counted, "counted")
 
     def cleanup(self) -> None:
         """Free the model and processor (and compiled graphs), empty the CUDA cache, give heap pages back."""
@@ -2706,12 +2772,13 @@ def options_fields(options: RunOptions) -> dict:
 def model_compute(bench: ModelBenchmark, image: Image.Image, stats: dict, gpu: GpuMonitor, progress: ModelProgress) -> dict:
     """FLOPs (a separate eager pass), achieved TFLOP/s and MFU; on NVIDIA GPUs the energy window."""
     progress.update(phase="flops", image=None)
-    flops, per_call, by_class = bench.count_flops(image)
+    flops, per_call, by_class, source = bench.count_flops(image)
     first = stats["per_image"][0]  # the FLOPs are this image's: its own warm median, not the pooled one
     figures = compute_figures(flops, by_class, first["warm_median_sec"], bench.device, bench.options.dtype)
     figures["flops_basis"] = (f"FLOPs of the first image ({first['image']}, input "
                               f"{'x'.join(map(str, first['input_shape'] or []))}) over its own warm median")
-    log(f"FLOPs per forward: {figures['gflops']:.2f} G; achieved {fmt(figures['achieved_tflops'], '.3f')} TFLOP/s; "
+    figures["flops_source"] = source
+    log(f"FLOPs per forward: {figures['gflops']:.2f} G ({'counted now' if source == 'counted' else 'from the cache'}); achieved {fmt(figures['achieved_tflops'], '.3f')} TFLOP/s; "
         f"MFU {fmt(figures['mfu'], '.1%') if figures['mfu'] is not None else 'n/a'}", "STATS")
     energy = {}
     if gpu.energy_mj() is not None:
@@ -3144,17 +3211,15 @@ def worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-RANDOM_CACHE_ENV = "VISION_BENCH_CACHE"  # where built random checkpoints are kept (default ~/.cache/vision-bench)
 
 
 def random_checkpoint_cache(cls: type[ModelBenchmark]) -> Path:
     """The cached seeded random checkpoint of a model: named by everything the build depends on
     (this program's text, the seed, the library versions), so a change builds afresh."""
-    base = os.environ.get(RANDOM_CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vision-bench"
     depends = json.dumps([RANDOM_SEED, package_version("ultralytics"), torch.__version__,
                           os.environ.get(REDUCED_CONFIG_ENV)])
     key = hashlib.sha256(SCRIPT_PATH.read_bytes() + depends.encode()).hexdigest()
-    return Path(base) / f"{cls.__name__}-random-{key[:16]}.pt"
+    return cache_folder() / f"{cls.__name__}-random-{key[:16]}.pt"
 
 
 def prepare_random_checkpoint(cls: type[ModelBenchmark], weights: str, work_dir: Path,
@@ -3192,7 +3257,7 @@ def prepare_random_checkpoint(cls: type[ModelBenchmark], weights: str, work_dir:
         with contextlib.suppress(OSError, TypeError):
             os.unlink(tmp)
         log(f"The random checkpoint could not be cached in {cached.parent} ({e.strerror or e}): later runs build "
-            f"it again (set {RANDOM_CACHE_ENV} to a writable folder)", "WARNING")
+            f"it again (set {CACHE_ENV} to a writable folder)", "WARNING")
     return path
 
 
@@ -3523,11 +3588,11 @@ def warm_verdict(now: list[float], past: list[list[float]], previous: str | None
     ratio reaches max(WARM_MIN_RATIO, 1 + 4 x robust CV of the past runs' medians): the test
     alone fires on run-to-run drift, the ratio alone on one noisy run.
     """
-    from scipy.stats import mannwhitneyu
-
     past = [p for p in past if p][:BASELINE_MAX_RUNS]
     if len(past) < BASELINE_MIN_RUNS or not now:
         return {"verdict": "insufficient data", "baseline_runs": len(past)}
+    from scipy.stats import mannwhitneyu  # about a second to import: only when there is something to judge
+
     pooled = [t for p in past for t in p]
     baseline, current = float(np.median(pooled)), float(np.median(now))
     ratio = current / baseline
@@ -5925,5 +5990,18 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_SIGTERM
 
 
+def exit_main(code: int) -> None:
+    """End the program with code once main() has returned: exit handlers run (Ray's shutdown among
+    them), then exit_at_once, skipping the interpreter's teardown of torch and the model libraries
+    (a second per run, over and over for a cron job or a test suite). With a thread of our own still
+    running, the normal exit waits for it instead."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's: what a normal exit runs
+    if others or run_exit_handlers is None:
+        sys.exit(code)
+    run_exit_handlers()
+    exit_at_once(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_main(main())

@@ -122,7 +122,7 @@ def test_no_model_forward_before_the_cold_run_random_weights(tmp_path, one_image
 
 
 def test_random_checkpoints_are_built_once_and_cached_whole(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(ub.RANDOM_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(ub.CACHE_ENV, str(tmp_path / "cache"))
     cls = ub.YOLO11nPoseBenchmark
     first = ub.prepare_random_checkpoint(cls, "random", tmp_path)
     assert "built and saved by a short-lived process" in capsys.readouterr().out
@@ -309,7 +309,7 @@ def test_segment_masks_from_both_ultralytics_output_layouts(bus_image, cpu):
 
 
 def test_model_timeout_covers_the_random_weights_build(tmp_path, one_image_dir, capsys, monkeypatch):
-    monkeypatch.setenv(ub.RANDOM_CACHE_ENV, str(tmp_path / "empty-cache"))  # the builder must run
+    monkeypatch.setenv(ub.CACHE_ENV, str(tmp_path / "empty-cache"))  # the builder must run
     code, text = run_main(capsys, "--weights", "random", "--models", "yolo11n-detect", "--runs", "1", "--no-dissect",
                           "--model-timeout", "0.5", "--images", one_image_dir, "--output-dir", tmp_path / "out")
     assert code == 1, text

@@ -74,7 +74,7 @@ def test_bf16_on_a_transformers_model(tmp_path, one_image_dir, capsys):
     fp32 = ub.DepthAnythingV2SmallBenchmark(torch.device("cpu"), "random")
     fp32.load()
     image = ub.decode_image(one_image_dir / "bus.jpg")
-    total, _, _ = fp32.count_flops(image)
+    total, _, _, _ = fp32.count_flops(image)
     assert row["gflops"] * 1e9 == total  # identical across dtypes
     # What postprocessing receives under bf16 autocast: float32, as promised.
     bf16 = ub.DepthAnythingV2SmallBenchmark(torch.device("cpu"), "random", options=ub.RunOptions(dtype="bf16"))
@@ -141,13 +141,40 @@ def test_cpu_flash_attention_is_counted():
     assert flops_of(Attention(), q) == 2 * (2 * b * h * s * s * d)
 
 
-def test_flops_are_the_same_in_every_dtype(bus_image, cpu):
+def test_flops_are_the_same_in_every_dtype(bus_image, cpu, tmp_path, monkeypatch):
+    monkeypatch.setenv(ub.CACHE_ENV, str(tmp_path))  # both counted here, neither read back
     counts = []
     for dtype in ("fp32", "bf16"):
         bench = ub.YOLO11nPoseBenchmark(cpu, "random", options=ub.RunOptions(dtype=dtype))
         bench.load()
         counts.append(bench.count_flops(bus_image))
     assert counts[0][0] == counts[1][0] > 0 and counts[0][1] == counts[1][1]
+    assert counts[0][3] == counts[1][3] == "counted"
+
+
+def test_a_flop_count_is_kept_for_the_same_architecture_and_shape_only(bus_image, cpu, tmp_path, monkeypatch):
+    """The cache gives back exactly what a count gives; another input shape, another
+    architecture (a parameter of another shape) or a changed record is counted afresh."""
+    monkeypatch.setenv(ub.CACHE_ENV, str(tmp_path))
+    bench = ub.YOLO11nDetectBenchmark(cpu, "random")
+    bench.load()
+    first, again = bench.count_flops(bus_image), bench.count_flops(bus_image)
+    assert first[3] == "counted" and again == (*first[:3], "cache")
+    assert first[0] > 0 and sum(first[1].values()) > 0  # the per-leaf-call counts come back too
+    (record,) = tmp_path.glob("flops-YOLO11nDetectBenchmark-*.json")
+    inputs = bench.prepare(bus_image)
+    key = ub.flop_count_key("YOLO11nDetectBenchmark", bench.model, inputs, bench.options)
+    assert record.name == f"flops-YOLO11nDetectBenchmark-{key[:20]}.json"
+    assert ub.flop_count_key("YOLO11nDetectBenchmark", bench.model, inputs[..., :320], bench.options) != key
+    assert ub.flop_count_key("YOLO11nDetectBenchmark", bench.model, inputs, ub.RunOptions(fuse=True)) != key
+    other = ub.YOLO11nDetectBenchmark(cpu, "random")
+    other.load()
+    head = next(m for m in other.model.modules() if isinstance(m, torch.nn.Conv2d))
+    head.weight = torch.nn.Parameter(head.weight[:, :-1].clone())  # one input channel fewer: another model
+    head.in_channels -= 1
+    assert ub.flop_count_key("YOLO11nDetectBenchmark", other.model, inputs, other.options) != key
+    record.write_text("{not json", encoding="utf-8")
+    assert bench.count_flops(bus_image) == first
 
 
 def test_mfu_uses_the_peak_for_the_device_and_precision():
