@@ -68,7 +68,8 @@ def test_sigkilled_worker_is_one_crashed_row(tmp_path, one_image_dir, keep_going
 @pytest.mark.slow
 def test_hung_worker_is_stopped_at_the_model_timeout(tmp_path, one_image_dir):
     """A real hang: the worker is frozen with SIGSTOP mid-inference; --model-timeout stops it. The
-    healthy second model (imports, load, 3 runs: about 8 s here) has 3x that and more in hand."""
+    healthy second model (its random checkpoint built, worker imports, load, 3 runs, FLOPs counted:
+    about 8 s here when nothing is cached yet) has over 3x that in hand."""
     out = tmp_path / "out"
     proc = start_cli("--weights", "random", "--models", "yolo11n-detect,yolo11n-pose", "--runs", "3",
                      "--no-dissect", "--keep-going", "--model-timeout", "30", "--images", one_image_dir,
