@@ -844,12 +844,12 @@ class RunOptions:
             raise error(f"--dtype fp16 autocasts on CUDA only, and the device is {device}: use --dtype bf16 "
                         f"on the CPU, or --device cuda")
 
-    def key(self) -> dict:
+    def key(self, cpus: int) -> dict:
         """The options that differ from the defaults: part of the history's configuration key, so
-        runs from before these options existed stay comparable. --threads N with N the CPUs this
-        process may use is the default written out, and compares with runs that left it out."""
+        runs from before these options existed stay comparable. --threads N with N the CPUs the
+        run could use (cpus) is the default written out, and compares with runs that left it out."""
         key = {k: v for k, v in asdict(self).items() if v != getattr(RunOptions, k)}
-        if key.get("threads") == usable_cpus():
+        if key.get("threads") == cpus:
             del key["threads"]
         return key
 
@@ -2948,6 +2948,12 @@ def row_name(row: dict) -> str:
     return row["model_name"] + (f" @ {row['node_label']}" if row.get("node_label") else "")
 
 
+def run_key(class_name: str, node_label: str | None = None) -> str:
+    """One model's run within a run: its class, and its node on Ray (every-node runs a class once
+    per node). The journal, the recovery and the trend plots tell runs apart by it."""
+    return f"{class_name} @ {node_label}" if node_label else class_name
+
+
 def run_model(job: WorkerJob, progress: ModelProgress) -> dict:
     """benchmark_model with a failure turned into its row; interrupts propagate."""
     cls = job.model_class
@@ -3046,8 +3052,8 @@ class RunJournal:
     def __init__(self, path: Path, header: dict):
         self.path, self.header, self.fd, self.failed = path, header, None, False
 
-    def started(self, class_name: str) -> None:
-        self._append({"event": "started", "class_name": class_name})
+    def started(self, class_name: str, node_label: str | None = None) -> None:
+        self._append({"event": "started", "class_name": class_name, "node_label": node_label})
 
     def finished(self, row: dict) -> None:
         self._append({"event": "finished", "row": row})
@@ -3108,18 +3114,24 @@ def read_journal(path: Path) -> dict:
         raise OutputError(f"{path} has no readable header ({torn} torn line(s)): nothing can be recovered from it; "
                           f"move it aside")
     rows = [e["row"] for e in entries if e.get("event") == "finished"]
-    started = [e["class_name"] for e in entries if e.get("event") == "started"]
+    started = [run_key(e["class_name"], e.get("node_label")) for e in entries if e.get("event") == "started"]
     ended = next((e for e in entries if e.get("event") == "ended"), None)
     return {"header": entries[0], "rows": rows, "started": started, "ended": ended, "torn_lines": torn,
             "last_wall_time": entries[-1]["wall_time"]}
 
 
 def lost_models(planned: list[str], started: list[str], rows: list[dict]) -> list[str]:
-    """What a dead run lost: the model it was running, then those it never started."""
-    done = {r["class_name"] for r in rows}
-    running = [c for c in started if c not in done]
-    return ([f"{c} (running when the run died)" for c in running] +
-            [f"{c} (not started)" for c in planned if c not in done and c not in started])
+    """What a dead run lost: the models it was running (each start without its row), then those it
+    never started. started holds run_key()s, a class on several nodes once per node."""
+    done = collections.Counter(run_key(r["class_name"], r.get("node_label")) for r in rows)
+    running = []
+    for name in started:
+        if done[name]:
+            done[name] -= 1
+        else:
+            running.append(name)
+    begun = {name.split(" @ ")[0] for name in started} | {r["class_name"] for r in rows}
+    return [f"{c} (running when the run died)" for c in running] + [f"{c} (not started)" for c in planned if c not in begun]
 
 
 # --------------------------------------------------------------------------------------
@@ -3159,6 +3171,7 @@ class RunConfig:
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     history: str | None = None       # the history file this run is stored in (None: --no-history)
     journal: RunJournal | None = None
+    usable_cpus: int = field(default_factory=lambda: usable_cpus())  # when the run began (a recovery reads the dead run's)
 
     RECORD_SKIPS = ("work_dir", "journal")  # this process's, never a dead run's
 
@@ -3178,9 +3191,9 @@ class RunConfig:
                       "options": RunOptions(**{k: v for k, v in record["options"].items()
                                                if k in RunOptions.__dataclass_fields__})})
 
-    def note_started(self, cls: type[ModelBenchmark]) -> None:
+    def note_started(self, cls: type[ModelBenchmark], node_label: str | None = None) -> None:
         if self.journal:
-            self.journal.started(cls.__name__)
+            self.journal.started(cls.__name__, node_label)
 
     def note_finished(self, row: dict) -> None:
         if self.journal:
@@ -3209,8 +3222,6 @@ def this_program(*args: str) -> list[str]:
 
 def worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
 
 
 def random_checkpoint_cache(cls: type[ModelBenchmark]) -> Path:
@@ -4007,7 +4018,7 @@ def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, e
         "dissect_mode": cfg.dissect_mode if cfg.dissect else None,
         "isolation": cfg.isolation,
         "model_timeout_sec": cfg.model_timeout_sec,
-        "options": cfg.options.key(),
+        "options": cfg.options.key(cfg.usable_cpus),
         "options_as_run": asdict(cfg.options),
         **cfg.executor_info,
         "environment": env,
@@ -4439,10 +4450,10 @@ def write_plots(rows: list[dict], plots_dir: Path, trends: dict[str, list[dict]]
             draw(ok, plots_dir / f"{name}.png")
             written.append(plots_dir / f"{name}.png")
         for row in ok:
-            points = trends.get(row["class_name"], [])
+            points = trends.get(run_key(row["class_name"], row.get("node_label")), [])
             if len(points) >= 2:
-                path = plots_dir / f"trend_{row['class_name']}.png"
-                plot_trend(row["model_name"], points, path)
+                path = plots_dir / f"trend_{sanitize_layer_name(run_key(row['class_name'], row.get('node_label')))}.png"
+                plot_trend(row_name(row), points, path)
                 written.append(path)
     except Exception as e:
         log(f"Plots were not all written ({type(e).__name__}: {e}); the reports are complete without them", "WARNING")
@@ -4785,14 +4796,25 @@ def dead_task_row(placement: Placement, node: FleetNode | None, error: BaseExcep
 def ray_temp_litter(entries: list[tuple[str, float]], run_tag: str, pid_alive: Callable[[int], bool],
                     now: float) -> list[str]:
     """Which of a node's temporary folders (name, mtime) to remove at the end of a run: this run's,
-    and an earlier run's whose owner process is gone and that is older than RAY_LITTER_MIN_AGE_SEC
-    (its driver died too: nobody else will). Other names are never touched."""
+    and an earlier run's whose owner process is gone and that nothing wrote in for
+    RAY_LITTER_MIN_AGE_SEC (mtime: the newest of its tree; its driver died too: nobody else will;
+    a pid from another pid namespace can look dead, its live run still writes). Other names are never touched."""
     doomed = []
     for name, mtime in entries:
         match = RAY_TEMP_NAME.match(name)
         if match and (match[2] == run_tag or (now - mtime > RAY_LITTER_MIN_AGE_SEC and not pid_alive(int(match[3])))):
             doomed.append(name)
     return doomed
+
+
+def node_threads(requested: int | None, node_ray_cpus: float, usable: int) -> int | None:
+    """A model's CPU threads on a Ray node: --threads when given, else the CPUs the node offers Ray
+    (`ray start --num-cpus`), at most those its process may use. Several nodes on one machine then
+    share its cores instead of each spinning a thread per core (OpenMP threads that wait for a
+    descheduled sibling made a forward 100x slower). None (all usable CPUs) when the node says nothing."""
+    if requested:
+        return requested
+    return max(1, min(usable, int(node_ray_cpus))) if node_ray_cpus >= 1 else None
 
 
 def ray_host_port(address: str) -> tuple[str, int] | None:
@@ -4935,7 +4957,7 @@ def join_cluster(address: str) -> None:
                          f"--ray-address (the head node's HOST:PORT of `ray start --head --port`)")
     try:
         ray.init(address=address, include_dashboard=False, logging_level="ERROR")
-    except (ConnectionError, RuntimeError, ValueError) as e:
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:  # e.g. a head gone since the probe
         raise UsageError(f"cannot join the Ray cluster at {address}: {(str(e).strip().splitlines() or [''])[0]}") from None
 
 
@@ -4946,12 +4968,13 @@ def node_facts() -> dict:
             "machine_key": machine_key(env), "environment": env}
 
 
-def node_run_main(job_path: Path, result_path: Path, timeout: str) -> int:
+def node_run_main(job_path: Path, result_path: Path, timeout: str, ray_cpus: str) -> int:
     """On a cluster node (internal): one model through the same supervised worker as a local run.
     Its work files stay in the task's folder (one folder per task to remove, whatever ends it)."""
     die_with_parent()
     job = WorkerJob(**json.loads(job_path.read_text(encoding="utf-8")))
     job.device = str(resolve_cuda_request(job.device))  # auto/cuda: the GPU Ray gave this task, as cuda:0
+    job.options = {**job.options, "threads": node_threads(job.options.get("threads"), float(ray_cpus), usable_cpus())}
     work_dir = job_path.parent / "node-run"
     work_dir.mkdir(exist_ok=True)
     with termination_signals():
@@ -4981,6 +5004,7 @@ def ray_model_task(script: str, images: list, job: dict, timeout: str, run_tag: 
 
     node_id = ray.get_runtime_context().get_node_id()
     yield {"node_id": node_id, "pid": os.getpid()}
+    ray_cpus = next((n.get("Resources", {}).get("CPU") for n in ray.nodes() if n.get("NodeID") == node_id), None)
     started, node_viz = time.time(), None
     tmp = tempfile.mkdtemp(prefix=f"vision-bench-task-{run_tag}-{os.getpid()}-")
     try:
@@ -4997,7 +5021,7 @@ def ray_model_task(script: str, images: list, job: dict, timeout: str, run_tag: 
         with open(paths["job.json"], "w", encoding="utf-8") as f:
             json.dump(job, f)
         proc = subprocess.run([sys.executable, paths["unified_benchmark.py"], "--node-run", paths["job.json"],
-                               paths["row.json"], timeout], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               paths["row.json"], timeout, str(ray_cpus or 0)], env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if not os.path.exists(paths["row.json"]):
             raise RuntimeError(f"the node's runner exited with code {proc.returncode} without a row")
         with open(paths["row.json"], encoding="utf-8") as f:
@@ -5039,10 +5063,18 @@ def ray_cleanup_task(run_tag: str, select) -> list[str]:
             return True
         return True
 
+    def newest_mtime(path: str) -> float:  # a live run in another pid namespace still writes in its tree
+        newest = os.stat(path, follow_symlinks=False).st_mtime
+        for folder, subfolders, _ in os.walk(path):
+            for name in subfolders:
+                newest = max(newest, os.stat(os.path.join(folder, name), follow_symlinks=False).st_mtime)
+        return newest
+
     root, entries = tempfile.gettempdir(), []
     for entry in os.scandir(root):
         try:
-            entries.append((entry.name, entry.stat(follow_symlinks=False).st_mtime))
+            if entry.name.startswith("vision-bench-") and entry.is_dir(follow_symlinks=False):
+                entries.append((entry.name, newest_mtime(entry.path)))
         except OSError:
             continue
     doomed = select(entries, run_tag, alive, time.time())
@@ -5325,10 +5357,10 @@ class RayFleet:
                     if row["status"] in FAILED_STATUSES:
                         exit_code = EXIT_MODEL_FAILED
                         if not self.cfg.keep_going:
-                            self.cancel()
+                            self.cancel(plan, rows)
                             return RunOutcome([r for r in rows if r], exit_code, False)
         except (KeyboardInterrupt, RunInterrupted) as e:
-            self.cancel()
+            self.cancel(plan, rows)
             signum = e.signum if isinstance(e, RunInterrupted) else signal.SIGINT
             return RunOutcome([r for r in rows if r], EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM,
                               False, signal.Signals(signum).name)
@@ -5349,7 +5381,7 @@ class RayFleet:
             return row
         if "class_name" not in message:  # the task started on its node
             self.started_on[gen] = message["node_id"]
-            self.cfg.note_started(placement.cls)
+            self.cfg.note_started(placement.cls, self.node(message["node_id"]).label)
             return None
         node = self.node(message["node_id"])
         node.facts = node.facts or {k: v for k, v in message.get("node", {}).items() if k != "environment"}
@@ -5361,18 +5393,31 @@ class RayFleet:
             self.pull_files(row, Path(node_viz), target)
         return row
 
-    def cancel(self) -> None:
-        """Stop every running task (its runner and worker die with it) and give them a moment to end."""
+    def cancel(self, plan: list[Placement], rows: list[dict | None]) -> None:
+        """Stop every running task (its runner and worker die with it) and give them a moment to end.
+        A row a task finished before it was stopped still comes in (and goes in the journal)."""
         import ray
 
-        tasks, self.running = list(self.running), {}
+        tasks, self.running = dict(self.running), {}
         for gen in tasks:
             ray.cancel(gen, force=True)  # kills the task's process; its runner and worker die with it
         deadline = time.monotonic() + RAY_CANCEL_WAIT_SEC
-        for gen in tasks:  # drain each until its error (cancelled) or its end
+        for gen, i in tasks.items():  # drain each until its error (cancelled) or its end
             with contextlib.suppress(Exception):
                 while ray.wait([gen], timeout=max(0.0, deadline - time.monotonic()))[0]:
-                    ray.get(next(gen))
+                    message = ray.get(next(gen))
+                    if "class_name" in message:
+                        rows[i] = self.late_row(message, plan[i])
+
+    def late_row(self, message: dict, placement: Placement) -> dict:
+        """A row that arrived while its task was being stopped: kept; files that were to come through
+        the object store stay on the node (viz_dir None)."""
+        row = placed_row(message, self.node(message["node_id"]))
+        if row.pop("node_viz", None):
+            row["viz_dir"] = None
+        self.cfg.note_finished(row)
+        log(f"{placement.cls.__name__} on node {row['node_label']}: {row['status']} (finished as the run stopped)", "RAY")
+        return row
 
 
 def merged_fleet_report(payload: dict, cfg: RunConfig) -> list[Path]:
@@ -5674,6 +5719,20 @@ def run_options(args: argparse.Namespace, device: torch.device, on_ray: bool = F
     return options
 
 
+def work_folder_prefix(output_dir: Path) -> str:
+    """The name a run's temporary work folder begins with: one per output folder, so only a run
+    holding that folder's lock ever owns one."""
+    return f"vision-bench-run-{hashlib.sha256(str(output_dir).encode()).hexdigest()[:12]}-"
+
+
+def remove_dead_work_folders(output_dir: Path) -> None:
+    """Under the output folder's lock: remove work folders of earlier runs on it (a run killed by
+    SIGKILL or a power loss never removed its own; no live run can own one, it would hold the lock)."""
+    for folder in Path(tempfile.gettempdir()).glob(work_folder_prefix(output_dir) + "*"):
+        shutil.rmtree(folder, ignore_errors=True)
+        log(f"Removed {folder}, the work folder of an earlier run in {output_dir} that died", "CLEANUP")
+
+
 def run(args: argparse.Namespace) -> int:
     classes = resolve_models(args.models)
     if args.list:
@@ -5698,8 +5757,9 @@ def run(args: argparse.Namespace) -> int:
     lock, cfg = RunLock(output_dir), None
     lock.acquire()
     try:
+        remove_dead_work_folders(output_dir)
         recover_dead_runs(output_dir)
-        with tempfile.TemporaryDirectory(prefix="vision-bench-") as work_dir:
+        with tempfile.TemporaryDirectory(prefix=work_folder_prefix(output_dir)) as work_dir:
             history = history_path(args, output_dir)
             cfg = RunConfig(models=classes, images=images, image_source=image_source, runs=args.runs, device=device,
                             weights=args.weights, models_dir=args.models_dir.resolve(), output_dir=output_dir,
@@ -5865,7 +5925,7 @@ def judge_against_history(payload: dict, path: Path | None) -> dict[str, list[di
                 judged = [{**v, "machine_key": row_machine_key(payload, row)}
                           for v in judge_model(row, earlier, (row.get("node") or payload)["environment"])]
                 warm = next(v for v in judged if v["metric"] == "warm latency")
-                trends[row["class_name"]] = (store.trend(payload, row) if store else []) + [
+                trends[run_key(row["class_name"], row.get("node_label"))] = (store.trend(payload, row) if store else []) + [
                     {"started_at": payload["started_at"], "warm_median_sec": row["warm_median_sec"], **warm}]
                 verdicts += judged
         finally:
@@ -5965,7 +6025,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["--build-random"]:  # internal: see prepare_random_checkpoint
             exit_at_once(build_random_main(argv[1], Path(argv[2])))
         if argv[:1] == ["--node-run"]:  # internal: one model on a Ray node (see ray_model_task)
-            return node_run_main(Path(argv[1]), Path(argv[2]), argv[3])
+            return node_run_main(Path(argv[1]), Path(argv[2]), argv[3], argv[4])
         if argv[:1] == ["--node-preflight"]:  # internal: see RayFleet.preflight
             return node_preflight_main(argv[1])
         try:

@@ -205,6 +205,7 @@ def test_spread_runs_two_models_on_two_nodes_at_once(cluster, tmp_path, one_imag
     overlap = min(detect["finished_wall"], pose["finished_wall"]) - max(detect["started_wall"], pose["started_wall"])
     assert overlap > 0, "the two models did not run at the same time"
     assert detect["device"] == pose["device"] == "cpu"
+    assert detect["threads"] == pose["threads"] == 1  # each node offers Ray one CPU: one thread each
     assert sorted(n["ordinal"] for n in report["nodes"]) == [1, 2]  # two nodes on one host: numbered
     md = next((tmp_path / "results").glob("benchmark_report_*.md")).read_text(encoding="utf-8")
     assert f"YOLO11n-Detect @ {detect['node_label']}" in md
@@ -243,20 +244,24 @@ def test_a_worker_or_a_task_killed_on_a_node_is_a_crashed_row_naming_the_node(cl
 
 
 def test_every_node_one_merged_report_a_column_per_node_even_for_a_killed_task(cluster, tmp_path, one_image_dir):
-    """every-node on two nodes of one host, files through the object store. One node's task process
-    is killed mid-run (as when its node is lost: nothing there cleans up): its row names the node
-    and is in that node's column of the merged report; DA-V2, missing on every node, is a skipped
-    row per node; the history keeps all four rows under two node keys; no folder is left behind."""
+    """every-node on two nodes of one host, files through the object store. YOLO11n-Detect runs on
+    both nodes: two folders of pictures, one per node. Then one node's YOLO11n-Pose task process is
+    killed mid-run (as when its node is lost: nothing there cleans up): its row names the node and
+    is in that node's column of the merged report; DA-V2, missing on every node, is a skipped row
+    per node; the history keeps all six rows under two node keys; no folder is left behind."""
     models = tmp_path / "models"
     models.mkdir()
     write_yolo_checkpoint(ub.YOLO11nDetectBenchmark, models / "yolo11n.pt")
+    write_yolo_checkpoint(ub.YOLO11nPoseBenchmark, models / "yolo11n-pose.pt")
     proc = start_cli("--executor", "ray", "--ray-address", cluster.address, "--fleet", "every-node", "--models",
-                     "dav2-small,yolo11n-detect", "--weights", "pretrained", "--models-dir", models, "--runs", "3",
-                     "--ray-files", "object-store", "--keep-going", "--images", one_image_dir, "--output-dir",
-                     tmp_path / "out")
+                     "dav2-small,yolo11n-detect,yolo11n-pose", "--weights", "pretrained", "--models-dir", models,
+                     "--runs", "3", "--ray-files", "object-store", "--keep-going", "--images", one_image_dir,
+                     "--output-dir", tmp_path / "out")
     lines: list[str] = []
     try:
-        pid = int(read_until(proc, r"\(ray_model_task pid=(\d+)[^)]*\) \[INFER 1/3\]", lines).group(1))
+        pid = int(read_until(proc, r"\(ray_model_task pid=(\d+)[^)]*\) \[WORKER\] Worker process \d+ started for "
+                                   r"YOLO11nPoseBenchmark", lines, timeout=300).group(1))
+        read_until(proc, rf"\(ray_model_task pid={pid}[^)]*\) \[INFER 1/3\]", lines)
         os.kill(pid, signal.SIGKILL)
         rest, _ = proc.communicate(timeout=300)
     finally:
@@ -264,25 +269,34 @@ def test_every_node_one_merged_report_a_column_per_node_even_for_a_killed_task(c
     text = "".join(lines) + rest
     assert proc.returncode == 1, text
     rows = load_report(tmp_path / "out")["results"]
-    assert sorted(r["status"] for r in rows) == ["crashed", "ok", "skipped", "skipped"], text
-    dead, ok = (next(r for r in rows if r["status"] == s) for s in ("crashed", "ok"))
-    assert dead["node_label"] and dead["node_label"] != ok["node_label"] and dead["node_id"][:12] in dead["error"]
-    assert ok["files_transfer"].startswith("object store")  # into the node's own folder
-    meta = json.loads((Path(ok["viz_dir"]) / "layers_metadata.json").read_text(encoding="utf-8"))
-    assert meta["total_outputs"] == 259 and f"node-{ok['node_id'][:8]}" in ok["viz_dir"]
-    assert len(list(Path(ok["viz_dir"]).glob("layer_*.png"))) == len([l for l in meta["layers"] if l["files"]])
+    assert sorted((r["class_name"], r["status"]) for r in rows) == [
+        ("DepthAnythingV2SmallBenchmark", "skipped"), ("DepthAnythingV2SmallBenchmark", "skipped"),
+        ("YOLO11nDetectBenchmark", "ok"), ("YOLO11nDetectBenchmark", "ok"),
+        ("YOLO11nPoseBenchmark", "crashed"), ("YOLO11nPoseBenchmark", "ok")], text
+    dead = next(r for r in rows if r["status"] == "crashed")
+    pose = next(r for r in rows if r["status"] == "ok" and r["class_name"] == "YOLO11nPoseBenchmark")
+    assert dead["node_label"] and dead["node_label"] != pose["node_label"] and dead["node_id"][:12] in dead["error"]
+    detect = [r for r in rows if r["class_name"] == "YOLO11nDetectBenchmark"]
+    assert {r["node_label"] for r in detect} == {dead["node_label"], pose["node_label"]}
+    assert len({r["viz_dir"] for r in detect}) == 2  # one folder per node, never one written over another
+    for row in detect:
+        assert row["files_transfer"].startswith("object store")  # into the node's own folder
+        meta = json.loads((Path(row["viz_dir"]) / "layers_metadata.json").read_text(encoding="utf-8"))
+        assert meta["total_outputs"] == 259 and f"node-{row['node_id'][:8]}" in row["viz_dir"]
+        assert len(list(Path(row["viz_dir"]).glob("layer_*.png"))) == len([l for l in meta["layers"] if l["files"]])
     skipped = [r for r in rows if r["status"] == "skipped"]
-    assert {r["node_label"] for r in skipped} == {dead["node_label"], ok["node_label"]}
+    assert {r["node_label"] for r in skipped} == {dead["node_label"], pose["node_label"]}
     assert all(r["node_id"][:12] in r["error"] and "is missing" in r["error"] for r in skipped)
     merged = next((tmp_path / "out" / "results").glob("merged_report_*.md")).read_text(encoding="utf-8")
     warm = merged.split("## Warm median (s)")[1].split("\n## ")[0]
-    assert "| Model | M1 | M2 |" in warm and dead["node_label"] in merged and ok["node_label"] in merged
-    assert re.search(r"\| YOLO11n-Detect \| (crashed \| [0-9.]+|[0-9.]+ \| crashed) \|", warm), warm
+    assert "| Model | M1 | M2 |" in warm and dead["node_label"] in merged and pose["node_label"] in merged
+    assert re.search(r"\| YOLO11n-Pose \| (crashed \| [0-9.]+|[0-9.]+ \| crashed) \|", warm), warm
+    assert re.search(r"\| YOLO11n-Detect \| [0-9.]+ \| [0-9.]+ \|", warm), warm
     assert "| DepthAnythingV2-Small | skipped | skipped |" in warm, warm
     with sqlite3.connect(tmp_path / "out" / "results" / ub.HISTORY_FILE_NAME) as db:  # both nodes share one host
         stored = sorted(db.execute("SELECT class_name, status, machine_key FROM model_results"))
     keys = sorted({key for _, _, key in stored})
-    assert len(stored) == 4 and len(keys) == 2 and keys[0].endswith("#1") and keys[1].endswith("#2"), stored
+    assert len(stored) == 6 and len(keys) == 2 and keys[0].endswith("#1") and keys[1].endswith("#2"), stored
     assert litter(cluster.node_tmp) == [], text
 
 

@@ -204,6 +204,20 @@ def test_plots_exist_are_valid_pngs_and_are_linked(nightly):
             assert img.format == "PNG"
 
 
+def test_every_node_rows_of_one_model_get_a_trend_plot_each(nightly, tmp_path):
+    """--fleet every-node: one class on two nodes is two trends, never one plot drawn over another."""
+    _, _, _, payloads, _ = nightly
+    row = next(r for r in payloads[-1]["results"] if r["status"] == "ok")
+    rows = [{**row, "node_label": label} for label in ("host#1", "host#2")]
+    trends = {ub.run_key(row["class_name"], r["node_label"]): [{"started_at": f"2026-01-0{d}T00:00:00",
+                                                               "warm_median_sec": 0.1 * k * d, "verdict": "no change"}
+                                                              for d in (1, 2)] for k, r in enumerate(rows, 1)}
+    written = ub.write_plots(rows, tmp_path, trends)
+    trend_files = sorted(p.name for p in written if p.name.startswith("trend_"))
+    assert trend_files == ["trend_YOLO11nDetectBenchmark___host_1.png", "trend_YOLO11nDetectBenchmark___host_2.png"]
+    assert (tmp_path / trend_files[0]).read_bytes() != (tmp_path / trend_files[1]).read_bytes()
+
+
 @pytest.mark.slow
 def test_compare_two_real_reports_and_two_run_ids(nightly, capsys):
     out, _, _, payloads, reports = nightly

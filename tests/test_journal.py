@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +47,15 @@ def test_the_journal_is_fsynced_per_entry_and_reads_back(tmp_path, monkeypatch):
         "B (running when the run died)", "C (not started)"]
     journal.discard()
     assert not (tmp_path / "journal_x.jsonl").exists()
+
+
+def test_every_node_runs_of_one_class_are_told_apart_by_node():
+    """--fleet every-node runs a class once per node: a row from one node does not make the other
+    node's run of it finished."""
+    started = [ub.run_key("A", "M1"), ub.run_key("A", "M2"), ub.run_key("B", "M1")]
+    rows = [{"class_name": "A", "node_label": "M2"}, {"class_name": "C", "node_label": "M1"}]  # C: a skipped row
+    assert ub.lost_models(["A", "B", "C", "D"], started, rows) == [
+        "A @ M1 (running when the run died)", "B @ M1 (running when the run died)", "D (not started)"]
 
 
 def test_a_journal_that_cannot_be_created_is_a_warning_and_leaves_nothing(tmp_path, capsys):
@@ -99,6 +109,7 @@ def dead_run(tmp_path, one_image_dir) -> Path:
 def test_sigkill_during_model_2_loses_nothing_finished(tmp_path, one_image_dir, capsys):
     out = dead_run(tmp_path, one_image_dir)
     results = out / "results"
+    (left,) = Path(tempfile.gettempdir()).glob(ub.work_folder_prefix(out.resolve()) + "*")  # nothing removed it
     (journal,) = results.glob("journal_*.jsonl")
     stamp = journal.stem.removeprefix("journal_")
     assert not list(results.glob("benchmark_results_*.json"))
@@ -110,6 +121,8 @@ def test_sigkill_during_model_2_loses_nothing_finished(tmp_path, one_image_dir, 
                           "--images", one_image_dir, "--output-dir", out)
     assert code == 0, text
     assert f"Run {stamp} died before writing its reports" in text and "1 torn line(s) ignored" in text
+    assert f"Removed {left}, the work folder of an earlier run" in text and not left.exists()
+    assert not list(Path(tempfile.gettempdir()).glob(ub.work_folder_prefix(out.resolve()) + "*"))
     assert not list(results.glob("journal_*.jsonl"))
     dead = json.loads((results / f"benchmark_results_{stamp}.json").read_text())
     assert dead["complete"] is False and dead["timestamp"] == stamp

@@ -187,8 +187,8 @@ def test_mfu_uses_the_peak_for_the_device_and_precision():
 
 
 def test_options_key_lists_what_differs_from_the_defaults():
-    assert ub.RunOptions().key() == {}
-    assert ub.RunOptions(dtype="bf16", threads=4).key() == {"dtype": "bf16", "threads": 4}
+    assert ub.RunOptions().key(2) == {}
+    assert ub.RunOptions(dtype="bf16", threads=4).key(2) == {"dtype": "bf16", "threads": 4}
 
 
 def test_fp16_reaching_a_cpu_worker_fails_its_row_saying_why(tmp_path, one_image_dir):
@@ -202,8 +202,16 @@ def test_fp16_reaching_a_cpu_worker_fails_its_row_saying_why(tmp_path, one_image
 
 
 def test_threads_equal_to_the_usable_cpus_are_the_default_in_the_history_key(monkeypatch):
-    """--threads 2 on a 2-CPU box runs as the default does: the same configuration key."""
+    """--threads 2 on a 2-CPU box runs as the default does: the same configuration key; the count
+    is the one the run began with, so a recovery on a process pinned to fewer CPUs keeps its key."""
+    assert ub.RunOptions(threads=2).key(2) == ub.RunOptions().key(2) == {}
+    assert ub.RunOptions(threads=1).key(2) == {"threads": 1}
+    assert ub.RunOptions(threads=2, dtype="bf16", channels_last=True).key(2) == {"dtype": "bf16", "channels_last": True}
+    assert ub.RunOptions(threads=2).key(1) == {"threads": 2}
     monkeypatch.setattr(ub, "usable_cpus", lambda: 2)
-    assert ub.RunOptions(threads=2).key() == ub.RunOptions().key() == {}
-    assert ub.RunOptions(threads=1).key() == {"threads": 1}
-    assert ub.RunOptions(threads=2, dtype="bf16", channels_last=True).key() == {"dtype": "bf16", "channels_last": True}
+    cfg = ub.RunConfig(models=[ub.YOLO11nDetectBenchmark], images=[], image_source="test", runs=1,
+                       device=torch.device("cpu"), weights="random", models_dir=Path("m"), output_dir=Path("o"),
+                       dissect=False, dissect_mode="single-pass", keep_going=False, options=ub.RunOptions(threads=2))
+    monkeypatch.setattr(ub, "usable_cpus", lambda: 1)  # the recovering process: pinned to one CPU
+    recovered = ub.RunConfig.from_record(json.loads(json.dumps(cfg.record())))
+    assert recovered.usable_cpus == 2 and recovered.options.key(recovered.usable_cpus) == {}

@@ -255,3 +255,13 @@ def test_the_node_selector_is_one_ray_accepts():
     selector = ub.node_selector(nodes)
     assert validate_label_selector(selector) is None, validate_label_selector(selector)
     assert json.dumps(selector).count(nodes[0].node_id) == 1
+
+
+def test_a_node_runs_as_many_threads_as_it_offers_ray_cpus():
+    """Two one-CPU nodes on a 2-core machine: one thread each, not two; --threads always wins;
+    a node offering more CPUs than the process may use gets those it may use."""
+    assert ub.node_threads(None, 1.0, 2) == 1
+    assert ub.node_threads(None, 16.0, 4) == 4
+    assert ub.node_threads(None, 2.5, 8) == 2
+    assert ub.node_threads(3, 1.0, 2) == 3
+    assert ub.node_threads(None, 0.0, 2) is None  # the node said nothing: all usable CPUs, as locally

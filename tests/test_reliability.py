@@ -248,7 +248,7 @@ def test_signal_stops_within_seconds(tmp_path, one_image_dir, signum, code, keep
         proc.kill()
     # The worker cleans up and exits on the signal, well inside the grace period after which it
     # would be SIGKILLed (its cleanup line proves it was not); the main process then reports.
-    assert worker_sec < ub.WORKER_STOP_GRACE_SEC, worker_sec
+    assert worker_sec < ub.WORKER_STOP_GRACE_SEC, (worker_sec, "".join(lines) + rest)
     assert proc.returncode == code, rest
     assert "Clearing model" in rest  # cleanup ran in the worker, which got the signal from the runner
     assert not Path(f"/proc/{worker}").exists()
@@ -309,6 +309,33 @@ def test_dissection_stops_before_filling_the_disk_and_keeps_the_figures(tmp_path
     row = load_report(out)["results"][0]
     assert row["status"] == "ok" and row["avg_inference_sec"] > 0 and row["mem_peak_mb"] > 0
     assert row["dissect_status"].startswith("stopped: ") and "--no-dissect" in row["dissect_status"]
+
+
+def test_a_full_disk_faked_where_no_mount_is_allowed(tmp_path, one_image_dir, capsys, monkeypatch):
+    """The two tests above on any machine, with the run in this process (--isolation none): the
+    disk guard sees a patched shutil.disk_usage report 64 MB free, and the reports' fsync fails as
+    a full disk fails a delayed write (ENOSPC)."""
+    import errno
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ub.shutil, "disk_usage", lambda path: usage(1024**3, 1024**3 - 64 * 1024**2, 64 * 1024**2))
+    code, text = run_main(capsys, *FAST, "--isolation", "none", "--images", one_image_dir, "--output-dir", tmp_path / "a")
+    assert code == 0 and "dissection stops" in text and "figures are kept" in text, text
+    assert load_report(tmp_path / "a")["results"][0]["dissect_status"].startswith("stopped: ")
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".benchmark_"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(ub.os, "fsync", fsync)
+    out = tmp_path / "b"
+    code, text = run_main(capsys, *FAST, "--no-dissect", "--isolation", "none", "--images", one_image_dir,
+                          "--output-dir", out)
+    assert code == 1 and "No space left on device" in text and str(out / "results") in text, text
+    assert not list((out / "results").glob("*benchmark_*")), list((out / "results").iterdir())
 
 
 # -- concurrency --------------------------------------------------------------------
