@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import BUS, run_main, start_hog, ub
+from conftest import BUS, run_main, skip_unless_ci, start_hog, ub
 
 DATA = Path(__file__).resolve().parent / "data"
 OLD_REPORT = DATA / "benchmark_results_20261128_201900.json"  # written by the program before this history
@@ -145,6 +145,16 @@ def nightly(tmp_path_factory):
     return out, codes, texts, [json.loads(p.read_text(encoding="utf-8")) for p in reports], reports
 
 
+def require_quiet_nights(payloads) -> None:
+    """The four quiet runs must have had the machine to themselves, by the program's own reading of
+    other processes' CPU: beside other work (two CPU hogs of a test of the tests) they are not
+    quiet, and what the rules say of them proves nothing. Skipped then, and a failure in CI."""
+    busy = [r["other_cpu_cores"] for p in payloads[:4] for r in p["results"]
+            if (r.get("other_cpu_cores") or 0) > ub.NOISE_MAX_OTHER_CORES]
+    if busy:
+        skip_unless_ci(f"the quiet runs were not quiet: other processes used {max(busy):.2f} cores beside them")
+
+
 def warm_verdicts(payloads):
     return [next(v["verdict"] for v in p["verdicts"] if v["metric"] == "warm latency") for p in payloads]
 
@@ -152,6 +162,7 @@ def warm_verdicts(payloads):
 @pytest.mark.slow
 def test_quiet_runs_then_busy_runs_give_suspicious_then_regression(nightly):
     out, codes, texts, payloads, _ = nightly
+    require_quiet_nights(payloads)
     assert codes == [0, 0, 0, 0, 0, 4], texts[-1]
     # Quiet runs on this shared 2-core VM are not always quiet: CI saw a quiet run's cold start at
     # 1.41x the median before it, and once a whole quiet run 1.27x slower (warm IQR 4%, no other
@@ -221,6 +232,7 @@ def test_every_node_rows_of_one_model_get_a_trend_plot_each(nightly, tmp_path):
 @pytest.mark.slow
 def test_compare_two_real_reports_and_two_run_ids(nightly, capsys):
     out, _, _, payloads, reports = nightly
+    require_quiet_nights(payloads)
     code, text = run_main(capsys, "--compare", reports[0], reports[5], "--output-dir", out)
     assert code == 0, text
     row = next(line for line in text.splitlines() if line.startswith("| YOLO11n-Detect"))
