@@ -72,9 +72,9 @@ def test_a_local_ray_started_for_the_run_is_gone_after_ctrl_c(tmp_path, one_imag
                      "--no-dissect", "--images", one_image_dir, "--output-dir", tmp_path, env=env)
     lines: list[str] = []
     try:
-        read_until(proc, r"starting a local one for this run", lines)
-        pid = int(read_until(proc, r"Worker process (\d+) started for MobileSAMBenchmark", lines).group(1))
-        read_until(proc, r"\[INFER 1/30\]", lines)
+        read_until(proc, r"starting a local one for this run", lines)  # the first INFER line: 64 s beside two hogs
+        pid = int(read_until(proc, r"Worker process (\d+) started for MobileSAMBenchmark", lines, timeout=300).group(1))
+        read_until(proc, r"\[INFER 1/30\]", lines, timeout=300)
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=180)
     finally:
@@ -121,7 +121,8 @@ def test_the_readme_recipe_ray_start_with_token_auth(tmp_path, private_tmp, one_
     token.write_text(secrets.token_hex(32))
     user = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     user |= {"TMPDIR": str(private_tmp), "RAY_AUTH_TOKEN_PATH": str(token)}
-    nodes_env, address, slot = user | {"RAY_AUTH_MODE": "token"}, f"127.0.0.1:{free_port()}", json.dumps({ub.RAY_SLOT: 1})
+    nodes_env = user | {"RAY_AUTH_MODE": "token", ub.RAY_NICENESS_ENV: "0"}  # as the README's commands
+    address, slot = f"127.0.0.1:{free_port()}", json.dumps({ub.RAY_SLOT: 1})
     small = ("--weights", "random", "--runs", "2", "--no-dissect", "--no-history", "--images", one_image_dir)
     try:
         head = ray_command("start", "--head", "--port", address.split(":")[1], "--resources", slot, "--num-cpus", "1",
@@ -168,8 +169,9 @@ def cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     node_tmp = Path(tempfile.mkdtemp(prefix="vbt-"))
-    before = {k: os.environ.get(k) for k in ("TMPDIR", "HF_HUB_CACHE")}
-    os.environ.update(TMPDIR=str(node_tmp), HF_HUB_CACHE=str(tmp_path_factory.mktemp("empty-hub")))
+    before = {k: os.environ.get(k) for k in ("TMPDIR", "HF_HUB_CACHE", ub.RAY_NICENESS_ENV)}
+    os.environ.update(TMPDIR=str(node_tmp), HF_HUB_CACHE=str(tmp_path_factory.mktemp("empty-hub")),
+                      **{ub.RAY_NICENESS_ENV: "0"})  # as the README says to start nodes
     try:  # the nodes' processes inherit these; this process keeps its own
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {ub.RAY_SLOT: 1},
                                                                "include_dashboard": False})
@@ -224,7 +226,7 @@ def test_a_worker_or_a_task_killed_on_a_node_is_a_crashed_row_naming_the_node(cl
     try:
         while len(started) < 2:
             found = read_until(proc, r"\(ray_model_task pid=(\d+)[^)]*\) \[WORKER\] Worker process (\d+) started "
-                                     r"for (MobileSAM|YOLO11nDetect)Benchmark", lines)
+                                     r"for (MobileSAM|YOLO11nDetect)Benchmark", lines, timeout=300)
             started[found.group(3)] = int(found.group(1)), int(found.group(2))
         os.kill(started["YOLO11nDetect"][0], signal.SIGKILL)
         read_until(proc, rf"\(ray_model_task pid={started['MobileSAM'][0]}[^)]*\) \[INFER 1/12\] bus.jpg", lines)

@@ -1,4 +1,5 @@
-"""--executor ray decisions as pure functions: no cluster, no Ray process (they run in milliseconds).
+"""--executor ray decisions as pure functions: no cluster, no Ray process (milliseconds; the priority
+test starts two short processes).
 
 What runs where and on which device, what a skipped or dead task's row says, the history key of a
 node, which temporary folders go, and where the cluster token comes from. The cluster tests
@@ -7,12 +8,14 @@ node, which temporary folders go, and where the cluster token comes from. The cl
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ub
+from conftest import REPO, ub
 
 HEAD = ub.HEAD_RESOURCE
 
@@ -265,3 +268,25 @@ def test_a_node_runs_as_many_threads_as_it_offers_ray_cpus():
     assert ub.node_threads(None, 2.5, 8) == 2
     assert ub.node_threads(3, 1.0, 2) == 3
     assert ub.node_threads(None, 0.0, 2) is None  # the node said nothing: all usable CPUs, as locally
+
+
+NORMAL_PRIORITY = ("import json, os, sys; sys.path.insert(0, sys.argv[1]); import unified_benchmark as ub; "
+                   "print(json.dumps([*ub.normal_priority(), os.getpriority(os.PRIO_PROCESS, 0)]))")
+
+
+def test_a_runner_started_at_ray_nice_15_goes_back_to_0_or_says_what_to_do(monkeypatch):
+    """Ray starts its workers at nice 15; a node's runner (and the model's worker it starts) goes back
+    to 0 where it may (here, as root: a real process started at nice 15), else it runs at 15 and
+    names RAY_worker_niceness=0 (the refusal an unprivileged process gets, planted)."""
+    if os.geteuid() == 0:
+        proc = subprocess.run([sys.executable, "-c", NORMAL_PRIORITY, str(REPO)], capture_output=True, text=True,
+                              preexec_fn=lambda: os.nice(15), timeout=120)
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == [0, None, 0], proc.stderr
+
+    def refuse(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ub.os, "getpriority", lambda *args: 15)
+    monkeypatch.setattr(ub.os, "setpriority", refuse)
+    niceness, advice = ub.normal_priority()
+    assert niceness == 15 and "nice 15" in advice and "RAY_worker_niceness=0" in advice
