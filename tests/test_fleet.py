@@ -248,8 +248,8 @@ def test_a_worker_or_a_task_killed_on_a_node_is_a_crashed_row_naming_the_node(cl
 
 def test_every_node_one_merged_report_a_column_per_node_even_for_a_killed_task(cluster, tmp_path, one_image_dir):
     """every-node on two nodes of one host, files through the object store. YOLO11n-Detect runs on
-    both nodes: two folders of pictures, one per node. Then one node's YOLO11n-Pose task process is
-    killed mid-run (as when its node is lost: nothing there cleans up): its row names the node and
+    both nodes: two folders of pictures, one per node. One node's YOLO11n-Pose task process is
+    killed while its worker runs (as when its node is lost: nothing there cleans up): its row names the node and
     is in that node's column of the merged report; DA-V2, missing on every node, is a skipped row
     per node; the history keeps all six rows under two node keys; no folder is left behind."""
     models = tmp_path / "models"
