@@ -5,6 +5,8 @@ heaviest architectures run in their reduced configuration (VISION_BENCH_REDUCED_
 documented in the README); full-size ones are checked on the meta device.
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -57,6 +59,20 @@ def two_image_dir(one_image_dir) -> Path:
 @pytest.fixture
 def cpu() -> torch.device:
     return torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def eight_models(tmp_path_factory) -> tuple[int, str, dict]:
+    """All eight models with random weights, one run each on one photo, each in its worker:
+    (exit code, everything printed, the JSON report). Shared by the tests that read such a run."""
+    root = tmp_path_factory.mktemp("eight-models")
+    (root / "images").mkdir()
+    shutil.copy(BUS, root / "images" / "bus.jpg")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        code = ub.main(["--weights", "random", "--runs", "1", "--no-dissect", "--images", str(root / "images"),
+                        "--output-dir", str(root / "out")])
+    return code, printed.getvalue(), load_report(root / "out")
 
 
 def write_yolo_checkpoint(cls, path: Path) -> int:

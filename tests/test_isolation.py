@@ -105,12 +105,11 @@ def test_the_module_call_counter_sees_a_builder_forward():
 
 
 @pytest.mark.slow
-def test_no_model_forward_before_the_cold_run_random_weights(tmp_path, one_image_dir, capsys):
+def test_no_model_forward_before_the_cold_run_random_weights(eight_models):
     """All eight models with random weights, each in its worker: zero module calls before the cold run."""
-    code, text = run_main(capsys, "--weights", "random", "--runs", "1", "--no-dissect",
-                          "--images", one_image_dir, "--output-dir", tmp_path)
+    code, text, report = eight_models
     assert code == 0, text
-    rows = load_report(tmp_path)["results"]
+    rows = report["results"]
     assert [r["class_name"] for r in rows] == [c.__name__ for c in ub.MODEL_REGISTRY]
     for row in rows:
         assert row["status"] == "ok" and row["isolation"] == "process"
