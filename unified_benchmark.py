@@ -68,6 +68,7 @@ import threading
 import time
 import traceback
 import uuid
+import weakref
 import zlib
 import warnings
 from abc import ABC, abstractmethod
@@ -1773,6 +1774,7 @@ class ModelBenchmark(ABC):
     # then built in a short-lived process (write_random_checkpoint) and loaded like a checkpoint
     # (_load_checkpoint), so the benchmarked process runs no forward before its cold run.
     RANDOM_BUILD_RUNS_FORWARD = False
+    PARITY_TASK = ""  # what task_result() returns: detect, segment, pose, depth or mask (task_parity)
 
     def __init__(self, device: torch.device, weights: str = "pretrained", models_dir: Path | None = None,
                  random_checkpoint: Path | None = None, options: RunOptions | None = None):
@@ -1818,6 +1820,10 @@ class ModelBenchmark(ABC):
     def postprocess(self, outputs: Any, image: Image.Image) -> Any:
         """Outputs -> task result at the image's size (timed separately)."""
         return outputs
+
+    def task_result(self, result: Any, image: Image.Image) -> dict:
+        """postprocess()'s result as numpy arrays for task_parity (see PARITY_TASK)."""
+        raise NotImplementedError(f"{type(self).__name__} has no task result for parity")
 
     def fuse(self) -> str | None:
         """--fuse: fuse Conv+BN as the library's own inference does; returns a note when it does not apply."""
@@ -2084,6 +2090,7 @@ class HFDepthBenchmark(ModelBenchmark):
     """Depth models from transformers: processor -> pixel_values -> predicted_depth."""
 
     LIBRARY = "transformers"
+    PARITY_TASK = "depth"
     MODEL_ID = ""
     MODEL_CLASS = ""          # transformers model class name
     MODEL_KWARGS: dict = {}
@@ -2147,6 +2154,14 @@ class HFDepthBenchmark(ModelBenchmark):
 
     def postprocess(self, outputs: Any, image: Image.Image) -> Any:
         return self.processor.post_process_depth_estimation(outputs, target_sizes=[(image.height, image.width)])
+
+    def task_result(self, result: Any, image: Image.Image) -> dict:
+        """Depth at the image's size; DepthPro's field of view (degrees) where it has one."""
+        if isinstance(result, torch.Tensor):  # the official Depth Anything V2 module
+            return {"depth": result.float().cpu().numpy().squeeze(), "fov_deg": None}
+        fov = result[0].get("field_of_view")
+        return {"depth": result[0]["predicted_depth"].float().cpu().numpy().squeeze(),
+                "fov_deg": float(fov) if fov is not None else None}
 
 
 def dinov2_config(**overrides):
@@ -2428,6 +2443,21 @@ class YOLO11Benchmark(UltralyticsBenchmark):
         det[:, :4] = ops.scale_boxes(shape, det[:, :4], (image.height, image.width))
         return det, masks
 
+    def task_result(self, result: Any, image: Image.Image) -> dict:
+        """Boxes (image pixels), confidences and classes; segment: masks; pose: keypoints in image pixels."""
+        from ultralytics.utils import ops
+
+        det, masks = result
+        det = det.float().cpu()
+        found = {"boxes": det[:, :4].numpy(), "scores": det[:, 4].numpy(), "classes": det[:, 5].numpy()}
+        if self.PARITY_TASK == "segment":
+            found["masks"] = (masks.float().cpu().numpy() > 0.5) if masks is not None else np.zeros((0, 1, 1), bool)
+        if self.PARITY_TASK == "pose":
+            kpts = det[:, 6:].reshape(len(det), *getattr(self.model, "kpt_shape", (17, 3)))
+            found["keypoints"] = ops.scale_coords((self.INPUT_SIZE, self.INPUT_SIZE), kpts.clone(),
+                                                  (image.height, image.width)).numpy()
+        return found
+
 
 def split_yolo_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(predictions, mask prototypes or None) from a YOLO model's eval output, in the layout of
@@ -2453,6 +2483,7 @@ class YOLO11nDetectBenchmark(YOLO11Benchmark):
     MODEL_PATH = "yolo11n.pt"
     MODEL_YAML = "yolo11n.yaml"
     MODEL_TASK_CLASS = "DetectionModel"
+    PARITY_TASK = "detect"
 
 
 class YOLO11nSegmentBenchmark(YOLO11Benchmark):
@@ -2462,6 +2493,7 @@ class YOLO11nSegmentBenchmark(YOLO11Benchmark):
     MODEL_PATH = "yolo11n-seg.pt"
     MODEL_YAML = "yolo11n-seg.yaml"
     MODEL_TASK_CLASS = "SegmentationModel"
+    PARITY_TASK = "segment"
 
 
 class YOLO11nPoseBenchmark(YOLO11Benchmark):
@@ -2471,6 +2503,7 @@ class YOLO11nPoseBenchmark(YOLO11Benchmark):
     MODEL_PATH = "yolo11n-pose.pt"
     MODEL_YAML = "yolo11n-pose.yaml"
     MODEL_TASK_CLASS = "PoseModel"
+    PARITY_TASK = "pose"
     NUM_CLASSES = 1  # yolo11n-pose.pt is trained on COCO keypoints: one class, person (17 keypoints)
 
 
@@ -2481,6 +2514,7 @@ class MobileSAMBenchmark(UltralyticsBenchmark):
     SHORT_NAME = "mobilesam"
     MODEL_PATH = "mobile_sam.pt"
     INPUT_SIZE = 1024
+    PARITY_TASK = "mask"
     TOKEN_GRID_STRIDES = (4, 8, 16)  # TinyViT stages and the mask decoder's 64x64 image tokens
     PREPROCESS_NOTE = ("Ultralytics LetterBox: longest side to 1024, padded bottom-right to 1024x1024, "
                        "SAM pixel mean/std; prompt: one positive point at the image centre")
@@ -2526,6 +2560,9 @@ class MobileSAMBenchmark(UltralyticsBenchmark):
         scale = self.INPUT_SIZE / max(image.width, image.height)
         masks = masks[..., : round(image.height * scale), : round(image.width * scale)]
         return F.interpolate(masks, (image.height, image.width), mode="bilinear", align_corners=False) > 0
+
+    def task_result(self, result: torch.Tensor, image: Image.Image) -> dict:
+        return {"mask": result.cpu().numpy().squeeze()}
 
 
 MODEL_REGISTRY: list[type[ModelBenchmark]] = [
@@ -2577,6 +2614,420 @@ def check_requirements(benches: list[ModelBenchmark]) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------------------
+# Accuracy cost: every variant against the fp32 eager reference, and the first layer that drifts
+# --------------------------------------------------------------------------------------
+
+# Verdict thresholds, one set per kind of variant. "fp32": --fuse, --channels-last, --compile
+# reorder or merge float32 arithmetic, so only rounding-level error is ok; "reduced": --dtype
+# bf16/fp16 round every product to 8 (bf16) or 11 (fp16) mantissa bits. Chosen from the figures of
+# `python tests/perf/parity.py` on this project's CPU (YOLO11n, DA-V2 Small, MobileSAM, random
+# weights): fp32 variants reached a worst relative L2 error of 5e-5, bf16 1.2e-2 on YOLO11n and
+# DA-V2 Small; each limit leaves about 4x to 20x room above those. A layer "drifts" above the
+# same relative error as the row. Task agreement (detection F1, depth delta<1.25, mask IoU)
+# below PARITY_BROKEN_AGREEMENT, or a non-finite value, is broken whatever the set.
+PARITY_THRESHOLDS = {
+    "fp32": {"rel_l2": 1e-3, "agreement": 0.99},
+    "reduced": {"rel_l2": 5e-2, "agreement": 0.90},
+}
+PARITY_BROKEN_AGREEMENT = 0.5
+PARITY_MATCH_IOU = 0.5        # a variant's box matches a reference box of its class at IoU >= 0.5
+PARITY_DELTA_RATIO = 1.25     # depth: a pixel agrees when max(v/r, r/v) < 1.25
+PARITY_GROWTH_FLOOR = 1e-7    # an input error below float32 rounding counts as this much
+PARITY_CHUNK_ELEMENTS = 1 << 20  # layer outputs spill and compare 4 MB at a time
+PARITY_GROWTH_TOP = 5
+
+
+def parity_threshold_set(options: RunOptions) -> str:
+    """Which PARITY_THRESHOLDS set judges a variant: reduced precision, or float32 rearranged."""
+    return "reduced" if options.dtype != "fp32" else "fp32"
+
+
+def changes_numerics(options: RunOptions) -> bool:
+    """True when the options can change what the model computes (--threads cannot)."""
+    return options.dtype != "fp32" or options.fuse or options.channels_last or bool(options.compile)
+
+
+def output_tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's outputs, in a fixed order (dict fields, then tuple items)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in output_tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in output_tensors(v)]
+    return []
+
+
+def tensor_parity(variant: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Max abs error, relative L2 error ||v - r|| / ||r|| and non-finite values of one output."""
+    v, r = variant.detach().double().cpu(), reference.detach().double().cpu()
+    figures = {"shape": list(reference.shape), "dtype": str(variant.dtype).replace("torch.", ""),
+               "nonfinite": int((~torch.isfinite(v)).sum()), "exact": bool(torch.equal(variant.cpu(), reference.cpu()))}
+    if v.shape != r.shape:
+        return {**figures, "max_abs": math.inf, "rel_l2": math.inf, "note": f"shape {list(v.shape)} != {list(r.shape)}"}
+    diff = torch.nan_to_num(v - r, nan=math.inf)
+    norm, err = float(r.norm()), float(diff.norm())
+    figures["max_abs"] = float(diff.abs().max()) if diff.numel() else 0.0
+    figures["rel_l2"] = err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
+    return figures
+
+
+def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in a (N, 4 xyxy) with every box in b (M, 4)."""
+    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def match_detections(variant: dict, reference: dict) -> list[tuple[int, int, float]]:
+    """(variant index, reference index, IoU) pairs as detection metrics match: variant boxes by
+    falling confidence, each to the unmatched reference box of its class with the highest IoU >= 0.5."""
+    ious = box_iou_matrix(variant["boxes"], reference["boxes"]) if len(variant["boxes"]) and len(reference["boxes"]) else None
+    pairs, taken = [], set()
+    for i in np.argsort(-variant["scores"], kind="stable") if ious is not None else []:
+        best, best_iou = None, PARITY_MATCH_IOU
+        for j in range(len(reference["boxes"])):
+            if j not in taken and reference["classes"][j] == variant["classes"][i] and ious[i, j] >= best_iou:
+                best, best_iou = j, ious[i, j]
+        if best is not None:
+            taken.add(best)
+            pairs.append((int(i), best, float(best_iou)))
+    return pairs
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float | None:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else None
+
+
+def detection_parity(variant: dict, reference: dict, task: str) -> dict:
+    """Agreement of the variant's detections with the reference's: precision, recall, F1, mean IoU
+    and confidence difference of matched boxes; segment: mask IoU; pose: keypoint distance."""
+    if not len(variant["boxes"]) and not len(reference["boxes"]):
+        return {"agreement": None, "note": "n/a (no detections)"}
+    pairs = match_detections(variant, reference)
+    precision = len(pairs) / len(variant["boxes"]) if len(variant["boxes"]) else 0.0
+    recall = len(pairs) / len(reference["boxes"]) if len(reference["boxes"]) else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    out = {"precision": precision, "recall": recall, "f1": f1, "detections": len(variant["boxes"]),
+           "reference_detections": len(reference["boxes"]),
+           "box_iou_mean": float(np.mean([p[2] for p in pairs])) if pairs else None,
+           "confidence_diff_max": max((abs(float(variant["scores"][i] - reference["scores"][j])) for i, j, _ in pairs),
+                                      default=None)}
+    agreement = f1
+    if task == "segment":
+        ious = [mask_iou(variant["masks"][i], reference["masks"][j]) for i, j, _ in pairs]
+        out["mask_iou_mean"] = float(np.mean([x for x in ious if x is not None])) if any(x is not None for x in ious) else None
+        agreement = min(f1, out["mask_iou_mean"]) if out["mask_iou_mean"] is not None else f1
+    if task == "pose":
+        dist = [float(np.linalg.norm(variant["keypoints"][i][:, :2] - reference["keypoints"][j][:, :2], axis=1).mean())
+                for i, j, _ in pairs]
+        diag = [float(np.linalg.norm(reference["boxes"][j][2:] - reference["boxes"][j][:2])) for _, j, _ in pairs]
+        out["keypoint_dist_px"] = float(np.mean(dist)) if dist else None
+        out["keypoint_dist_rel"] = float(np.mean([d / g for d, g in zip(dist, diag) if g > 0])) if dist else None
+    return {**out, "agreement": agreement}
+
+
+def depth_parity(variant: dict, reference: dict) -> dict:
+    """AbsRel of the variant's depth against the reference's, the fraction of pixels within a
+    ratio of 1.25 (the agreement), and DepthPro's field-of-view difference in degrees."""
+    v, r = variant["depth"].astype(np.float64), reference["depth"].astype(np.float64)
+    valid = np.isfinite(r) & (r > 0)
+    if not valid.any():
+        return {"agreement": None, "note": "n/a (no positive reference depth)"}
+    v, r = v[valid], r[valid]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        within = (v > 0) & (np.maximum(v / r, r / v) < PARITY_DELTA_RATIO)
+    out = {"abs_rel": float(np.mean(np.abs(v - r) / r)), "delta_1_25": float(within.mean())}
+    if reference.get("fov_deg") is not None and variant.get("fov_deg") is not None:
+        out["fov_diff_deg"] = abs(float(variant["fov_deg"]) - float(reference["fov_deg"]))
+    return {**out, "agreement": out["delta_1_25"]}
+
+
+def task_parity(task: str, variant: dict, reference: dict) -> dict:
+    """A model's task figures: detections (detect/segment/pose), depth, or a prompted mask."""
+    if task in ("detect", "segment", "pose"):
+        return detection_parity(variant, reference, task)
+    if task == "depth":
+        return depth_parity(variant, reference)
+    iou = mask_iou(variant["mask"], reference["mask"])
+    return {"mask_iou": iou, "agreement": iou, **({} if iou is not None else {"note": "n/a (both masks empty)"})}
+
+
+def parity_verdict(threshold_set: str, rel_l2_max: float, nonfinite: bool, agreement: float | None, exact: bool) -> str:
+    """exact (bitwise equal), ok, drift or broken (non-finite values, or task agreement below 0.5)."""
+    if nonfinite or (agreement is not None and agreement < PARITY_BROKEN_AGREEMENT):
+        return "broken"
+    if exact:
+        return "exact"
+    limits = PARITY_THRESHOLDS[threshold_set]
+    if rel_l2_max <= limits["rel_l2"] and (agreement is None or agreement >= limits["agreement"]):
+        return "ok"
+    return "drift"
+
+
+def image_parity(image: str, task: str, variant: tuple[list[torch.Tensor], dict],
+                 reference: tuple[list[torch.Tensor], dict]) -> dict:
+    """One image's figures: per raw output tensor, then the task's."""
+    (v_raw, v_task), (r_raw, r_task) = variant, reference
+    outputs = [tensor_parity(v, r) for v, r in zip(v_raw, r_raw)]
+    if len(v_raw) != len(r_raw):
+        outputs.append({"note": f"{len(v_raw)} output tensors against {len(r_raw)}", "rel_l2": math.inf,
+                        "max_abs": math.inf, "nonfinite": 0, "exact": False})
+    return {"image": image, "outputs": outputs, "task": task_parity(task, v_task, r_task),
+            "rel_l2_max": max((o["rel_l2"] for o in outputs), default=0.0),
+            "max_abs": max((o["max_abs"] for o in outputs), default=0.0),
+            "nonfinite": any(o["nonfinite"] for o in outputs), "exact": all(o["exact"] for o in outputs)}
+
+
+def parity_summary(threshold_set: str, images: list[dict]) -> dict:
+    """The row's figures: the worst image (largest relative error, lowest task agreement)."""
+    agreements = [i["task"]["agreement"] for i in images if i["task"].get("agreement") is not None]
+    worst_task = min((i for i in images if i["task"].get("agreement") is not None),
+                     key=lambda i: i["task"]["agreement"], default=images[0])
+    summary = {"parity_thresholds": threshold_set,
+               "parity_rel_l2_max": max(i["rel_l2_max"] for i in images),
+               "parity_max_abs": max(i["max_abs"] for i in images),
+               "parity_nonfinite": any(i["nonfinite"] for i in images),
+               "parity_agreement": min(agreements) if agreements else None,
+               "parity_task": worst_task["task"],
+               "parity_note": None if agreements else worst_task["task"].get("note")}
+    summary["parity"] = parity_verdict(threshold_set, summary["parity_rel_l2_max"], summary["parity_nonfinite"],
+                                       summary["parity_agreement"], all(i["exact"] for i in images))
+    return summary
+
+
+def parent_name(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def parity_pairs(reference_layers: list[tuple[str, int, str]], variant_names: set[str]) -> dict:
+    """What each variant output is compared with: (name, call) -> (reference output key,
+    reference input key, note). Same module and call, except where --fuse folded a BatchNorm into
+    the convolution before it: the fused convolution's output against the unfused BatchNorm's."""
+    pairs: dict[tuple[str, int], tuple[tuple[str, int], tuple[str, int], str | None]] = {}
+    for i, (name, call, kind) in enumerate(reference_layers):
+        if name in variant_names:
+            pairs.setdefault((name, call), ((name, call), (name, call), None))
+        elif kind.startswith("BatchNorm") and i:
+            conv, conv_call, _ = reference_layers[i - 1]
+            if conv in variant_names and parent_name(conv) == parent_name(name):
+                pairs[(conv, conv_call)] = ((name, call), (conv, conv_call), f"fused: against the unfused {name}")
+    return pairs
+
+
+def first_drift(layers: list[dict], limit: float) -> dict | None:
+    """The first compared output, in execution order, whose relative error passes the limit."""
+    return next((layer for layer in layers if (layer["rel_err"] or 0) > limit), None)
+
+
+def error_growth(layers: list[dict], top: int = PARITY_GROWTH_TOP) -> list[dict]:
+    """The layers where the error grows most: output error over input error (an input error
+    below float32 rounding counts as PARITY_GROWTH_FLOOR)."""
+    grown = [{**layer, "growth": layer["rel_err"] / max(layer["in_rel_err"] or 0.0, PARITY_GROWTH_FLOOR)}
+             for layer in layers if layer["rel_err"] is not None and layer["in_rel_err"] is not None]
+    return sorted(grown, key=lambda layer: -layer["growth"])[:top]
+
+
+class LayerSpill:
+    """The reference's layer outputs (and each layer's first input) in a temporary file, written
+    and compared PARITY_CHUNK_ELEMENTS at a time as float32: neither capture is ever whole in
+    memory (DepthPro's layer outputs pass 1 GB). An input that is an earlier layer's output (the
+    same tensor object, not changed in place since: same version counter) is stored once. The
+    file is deleted when closed."""
+
+    def __init__(self, folder: Path | None = None):
+        self._file = tempfile.TemporaryFile(prefix="vision-bench-parity-", dir=folder)
+        self._fd = self._file.fileno()
+        self._offset = 0
+        self._stored: dict[int, tuple[Any, int, tuple[int, list[int]]]] = {}  # id -> (weakref, version, place)
+        self._buffer = np.empty(PARITY_CHUNK_ELEMENTS, dtype=np.float32)
+        self.index: dict[tuple[str, str, int], tuple[int, list[int]]] = {}  # (kind, name, call) -> (offset, shape)
+        self.order: list[tuple[str, int, str]] = []  # (name, call, type) in execution order
+        self.bytes_written = 0
+
+    def close(self) -> None:
+        self._file.close()
+        self._stored.clear()
+
+    def write(self, key: tuple[str, str, int], tensor: torch.Tensor) -> None:
+        known = self._stored.get(id(tensor))
+        if known and known[0]() is tensor and known[1] == tensor._version:  # an earlier output passed on
+            self.index[key] = known[2]
+            return
+        self.index[key] = place = (self._offset, list(tensor.shape))
+        self._stored[id(tensor)] = (weakref.ref(tensor), tensor._version, place)
+        flat = tensor.detach().reshape(-1)
+        for start in range(0, flat.numel(), PARITY_CHUNK_ELEMENTS):
+            chunk = np.ascontiguousarray(flat[start:start + PARITY_CHUNK_ELEMENTS].float().cpu().numpy())
+            self._offset += os.pwrite(self._fd, memoryview(chunk).cast("B"), self._offset)
+        self.bytes_written = self._offset
+
+    def rel_err(self, key: tuple[str, str, int], tensor: torch.Tensor) -> tuple[float | None, bool]:
+        """(||tensor - stored|| / ||stored||, any non-finite value in tensor); None where shapes differ."""
+        offset, shape = self.index[key]
+        if list(tensor.shape) != shape:
+            return None, False
+        flat, err, norm = tensor.detach().reshape(-1), 0.0, 0.0
+        for start in range(0, flat.numel(), PARITY_CHUNK_ELEMENTS):
+            v = flat[start:start + PARITY_CHUNK_ELEMENTS].float().cpu()
+            r = torch.from_numpy(self._buffer[:v.numel()])
+            os.preadv(self._fd, [memoryview(r.numpy()).cast("B")], offset + start * 4)
+            d = v - r
+            err, norm = err + float(torch.dot(d, d)), norm + float(torch.dot(r, r))
+        if not math.isfinite(err):
+            return math.inf, True
+        return (math.sqrt(err / norm) if norm > 0 else (0.0 if err == 0 else math.inf)), False
+
+
+def hook_leaves(model: torch.nn.Module, on_input: Callable[[str, int, torch.nn.Module, Any], None],
+                on_output: Callable[[str, int, torch.nn.Module, Any], None]) -> list:
+    """Hooks on every leaf: on_input(name, call, module, inputs) before it runs (an in-place
+    activation overwrites its input), on_output(name, call, module, output) after."""
+    handles = []
+    for name, module in leaf_modules(model):
+        calls = [0]
+
+        def before(module, inputs, name=name, calls=calls):
+            calls[0] += 1
+            on_input(name, calls[0], module, inputs)
+
+        def after(module, inputs, output, name=name, calls=calls):
+            on_output(name, calls[0], module, output)
+
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    return handles
+
+
+def hooked_forward(bench: ModelBenchmark, image: Image.Image, on_input=None, on_output=None) -> None:
+    """One eager forward of bench on image with hooks on every leaf (autocast to --dtype). Under
+    no_grad, not inference_mode: LayerSpill needs tensors' version counters."""
+    inputs = bench.prepare(image)
+    nothing = lambda *call: None  # noqa: E731
+    handles = hook_leaves(bench.model, on_input or nothing, on_output or nothing)
+    try:
+        with torch.no_grad():
+            bench.run_forward(inputs, eager=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def spill_reference_layers(reference: ModelBenchmark, image: Image.Image, folder: Path | None = None) -> LayerSpill:
+    """The reference's every leaf output and first input on image, written to a LayerSpill."""
+    spill = LayerSpill(folder)
+
+    def store(kind: str, name: str, call: int, value: Any) -> None:
+        tensor, _ = first_tensor(value)
+        if tensor is not None and tensor.is_floating_point():
+            spill.write((kind, name, call), tensor)
+
+    def on_input(name, call, module, inputs):
+        spill.order.append((name, call, type(module).__name__))
+        store("in", name, call, inputs)
+
+    hooked_forward(reference, image, on_input, lambda name, call, module, output: store("out", name, call, output))
+    return spill
+
+
+def compare_layers(variant: ModelBenchmark, image: Image.Image, spill: LayerSpill) -> list[dict]:
+    """The variant's every leaf output on image against the spilled reference, in execution order."""
+    pairs = parity_pairs(spill.order, {name for name, _ in leaf_modules(variant.model)})
+    layers: list[dict] = []
+
+    def against(kind: str, key: tuple[str, int] | None, value: Any) -> tuple[float | None, bool]:
+        tensor, _ = first_tensor(value)
+        if key is None or tensor is None or (kind, *key) not in spill.index:
+            return None, False
+        return spill.rel_err((kind, *key), tensor)
+
+    def on_input(name, call, module, inputs):
+        out_key, in_key, note = pairs.get((name, call), (None, None, "no reference output"))
+        layers.append({"name": name, "call": call, "type": type(module).__name__, "rel_err": None,
+                       "in_rel_err": against("in", in_key, inputs)[0], "nonfinite": False, "note": note,
+                       "_out_key": out_key})
+
+    def on_output(name, call, module, output):
+        layer = next(layer for layer in reversed(layers) if (layer["name"], layer["call"]) == (name, call))
+        layer["rel_err"], layer["nonfinite"] = against("out", layer.pop("_out_key"), output)
+
+    hooked_forward(variant, image, on_input, on_output)
+    return layers
+
+
+def layer_parity(reference: ModelBenchmark, variant: ModelBenchmark, image: Image.Image, threshold_set: str,
+                 folder: Path | None = None) -> dict:
+    """The first layer that drifts and where the error grows most, from a hooked eager forward
+    of the reference and of the variant on one image; the peak RSS it took beyond what a plain
+    eager forward of either takes (parity_layers_extra_rss_mb: the captures' own cost)."""
+    start = time.perf_counter()
+    plain_peak_mb = 0.0
+    for bench in (variant, reference):
+        with PeakMemory(torch.device("cpu")) as plain:
+            hooked_forward(bench, image)
+        plain_peak_mb = max(plain_peak_mb, plain.rss_peak_mb)
+    with PeakMemory(torch.device("cpu")) as peak:
+        spill = spill_reference_layers(reference, image, folder)
+        try:
+            largest_mb = to_mb(max((shape_bytes(shape) for key, (_, shape) in spill.index.items() if key[0] == "out"),
+                                   default=0))
+            layers = compare_layers(variant, image, spill)
+        finally:
+            spill.close()
+    limit = PARITY_THRESHOLDS[threshold_set]["rel_l2"]
+    drift = first_drift(layers, limit)
+    return {"parity_layers": layers, "parity_first_drift": drift and {k: drift[k] for k in ("name", "call", "type", "rel_err")},
+            "parity_growth_top": [{k: g[k] for k in ("name", "call", "type", "rel_err", "in_rel_err", "growth")}
+                                  for g in error_growth(layers)],
+            "parity_layers_compared": sum(layer["rel_err"] is not None for layer in layers),
+            "parity_layer_limit": limit, "parity_layers_extra_rss_mb": peak.rss_peak_mb - plain_peak_mb,
+            "parity_largest_output_mb": largest_mb, "parity_spill_mb": to_mb(spill.bytes_written),
+            "parity_layers_sec": time.perf_counter() - start}
+
+
+def shape_bytes(shape: list[int]) -> int:
+    """Bytes of a float32 tensor of this shape."""
+    return 4 * math.prod(shape)
+
+
+def parity_outputs(bench: ModelBenchmark, image: Image.Image) -> tuple[list[torch.Tensor], dict]:
+    """One untimed run as deployed: raw output tensors (float32 copies on the CPU) and the task result."""
+    with torch.inference_mode():
+        outputs = to_float32(bench.run_forward(bench.prepare(image)))
+        raw = [t.detach().float().cpu().clone() for t in output_tensors(outputs)]
+        return raw, bench.task_result(bench.postprocess(outputs, image), image)
+
+
+def check_parity(bench: ModelBenchmark, images: list[tuple[str, Image.Image]], layers: bool) -> dict:
+    """The variant's outputs against a fresh fp32 eager instance of the same model and weights,
+    on every image (its time is reference_sec, never a sample); with layers, the first layer
+    that drifts. A row without options that change the numerics is the reference itself."""
+    if not changes_numerics(bench.options):
+        return {"parity": "reference"}
+    threshold_set = parity_threshold_set(bench.options)
+    start = time.perf_counter()
+    reference = type(bench)(bench.device, bench.weights, bench.models_dir, bench.random_checkpoint,
+                            RunOptions(threads=bench.options.threads))
+    reference.load()
+    expected = [parity_outputs(reference, image) for _, image in images]
+    reference_sec = time.perf_counter() - start
+    found = {}
+    try:
+        if layers and bench.options.compile:
+            found = {"parity_layer_note": "n/a: --compile runs compiled graphs, which have no per-layer outputs"}
+        elif layers:
+            found = layer_parity(reference, bench, images[0][1], threshold_set)
+    finally:
+        reference.cleanup()
+    per_image = [image_parity(name, bench.PARITY_TASK, parity_outputs(bench, image), ref)
+                 for (name, image), ref in zip(images, expected)]
+    return {**parity_summary(threshold_set, per_image), "reference_sec": reference_sec, "parity_per_image": per_image,
+            **found}
+
+
+# --------------------------------------------------------------------------------------
 # One model's benchmark: its phases, in a worker process or (--isolation none) in this one
 # --------------------------------------------------------------------------------------
 
@@ -2600,6 +3051,7 @@ class WorkerJob:
     dissect_max_mb: float | None = None
     random_checkpoint: str | None = None
     options: dict = field(default_factory=dict)  # RunOptions as a dict
+    parity_layers: bool = False  # --parity-layers (a variant with dissect compares its layers anyway)
 
     @property
     def model_class(self) -> type[ModelBenchmark]:
@@ -2676,9 +3128,9 @@ img { max-width: 360px; image-rendering: pixelated; }
 <div id="bar"><b>__TITLE__</b> &middot; <span id="count"></span>
  &middot; filter (module or type): <input id="filter" size="30">
  &middot; sort: <select id="sort"><option value="index">execution order</option>
- <option value="time">forward time</option></select></div>
+ <option value="time">forward time</option><option value="parity">parity error</option></select></div>
 <table><thead><tr><th>#</th><th>picture</th><th>module</th><th>type</th><th>call</th><th>shape</th>
-<th>min</th><th>max</th><th>mean</th><th>std</th><th>zeros</th><th>forward ms</th></tr></thead>
+<th>min</th><th>max</th><th>mean</th><th>std</th><th>zeros</th><th>forward ms</th><th>parity rel err</th></tr></thead>
 <tbody id="rows"></tbody></table>
 <script type="application/json" id="layers">__LAYERS__</script>
 <script>
@@ -2690,9 +3142,10 @@ const fmt = v => v === null || v === undefined ? "n/a" : (typeof v === "number" 
 function cell(row, text, cls) { const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; row.appendChild(td); }
 function render() {
   const query = document.getElementById("filter").value.toLowerCase();
-  const byTime = document.getElementById("sort").value === "time";
   const shown = layers.filter(l => !query || l.name.toLowerCase().includes(query) || l.type.toLowerCase().includes(query));
-  if (byTime) shown.sort((a, b) => (b.forward_ms || 0) - (a.forward_ms || 0));
+  const order = document.getElementById("sort").value;
+  if (order === "time") shown.sort((a, b) => (b.forward_ms || 0) - (a.forward_ms || 0));
+  if (order === "parity") shown.sort((a, b) => (b.parity_rel_err ?? -1) - (a.parity_rel_err ?? -1));
   const body = document.getElementById("rows");
   body.replaceChildren();
   for (const l of shown) {
@@ -2706,7 +3159,7 @@ function render() {
     row.appendChild(pic);
     cell(row, l.name); cell(row, l.type); cell(row, l.call, "num");
     cell(row, (l.shape || []).join("x"));
-    for (const key of ["min", "max", "mean", "std", "sparsity", "forward_ms"]) cell(row, fmt(l[key]), "num");
+    for (const key of ["min", "max", "mean", "std", "sparsity", "forward_ms", "parity_rel_err"]) cell(row, fmt(l[key]), "num");
     body.appendChild(row);
   }
   document.getElementById("count").textContent = shown.length + " of " + layers.length + " outputs";
@@ -2731,7 +3184,7 @@ def write_layer_browser(out_dir: Path, meta: dict) -> str:
     """viz/<ts>/<ClassName>/index.html: every output with its picture, statistics and time, in
     one static page (no server, no network, no library), filterable by module or type."""
     keys = ("index", "name", "type", "call", "shape", "min", "max", "mean", "std", "sparsity", "forward_ms",
-            "files", "note")
+            "parity_rel_err", "files", "note")
     layers = json.dumps([{k: layer.get(k) for k in keys} for layer in meta["layers"]]).replace("</", "<\\/")
     title = html.escape(f"{meta['model_name']} ({meta['class_name']}): {meta['total_outputs']} layer outputs "
                         f"on {meta['image']}")
@@ -2739,8 +3192,33 @@ def write_layer_browser(out_dir: Path, meta: dict) -> str:
     return "index.html"
 
 
+def parity_phase(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress) -> dict:
+    """The accuracy cost of the row's options (check_parity), after the timed runs; logged."""
+    if not changes_numerics(bench.options):
+        return {"parity": "reference"}
+    progress.update(phase="parity", image=None)
+    layers = job.parity_layers or job.dissect
+    try:
+        found = check_parity(bench, [(Path(p).name, decode_image(Path(p))) for p in job.images], layers)
+    except Exception as e:  # the timed figures stand without it
+        message = f"{type(bench).__name__}: the accuracy check failed ({type(e).__name__}: {e}); the speed figures are kept"
+        log(message, "WARNING")
+        return {"parity": "failed", "parity_error": message}
+    task = found["parity_note"] or f"task agreement {fmt(found['parity_agreement'], '.3f')}"
+    log(f"Accuracy cost against fp32 eager ({found['parity_thresholds']} thresholds): {found['parity']}; worst "
+        f"relative error {found['parity_rel_l2_max']:.2e}, max abs {found['parity_max_abs']:.2e}; {task} "
+        f"(reference {found['reference_sec']:.2f}s, not a sample)", "PARITY")
+    if layers and "parity_layers" in found:
+        drift = found["parity_first_drift"]
+        log(f"First layer above {found['parity_layer_limit']:.0e}: " + (f"{drift['name']} (call {drift['call']}, "
+            f"{drift['rel_err']:.2e})" if drift else "none") + f"; {found['parity_layers_compared']} outputs compared "
+            f"in {found['parity_layers_sec']:.2f}s, {found['parity_layers_extra_rss_mb']:.0f} MB beyond a plain forward", "PARITY")
+    return found
+
+
 def dissect_model(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress,
-                  flops_per_call: dict[tuple[str, int], int] | None = None) -> dict:
+                  flops_per_call: dict[tuple[str, int], int] | None = None,
+                  parity_per_call: dict[tuple[str, int], dict] | None = None) -> dict:
     """Dissect on the first image and write layers_metadata.json (with each call's FLOPs); returns the summary."""
     out_dir = Path(job.viz_dir) / type(bench).__name__
     first = Path(job.images[0])
@@ -2750,6 +3228,11 @@ def dissect_model(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress
                                    limits=DissectLimits(job.dissect_filter, job.dissect_max_mb))
     for layer in summary["layers"]:
         layer["flops"] = (flops_per_call or {}).get((layer["name"], layer["call"]))
+        if parity_per_call is not None:
+            found = parity_per_call.get((layer["name"], layer["call"]), {})
+            layer["parity_rel_err"] = found.get("rel_err")
+            if found.get("note"):
+                layer["parity_note"] = found["note"]
     meta = {"model_name": bench.MODEL_NAME, "class_name": type(bench).__name__, "image": first.name,
             "input_shape": bench.input_shape, **summary}
     atomic_write_text(out_dir / "layers_metadata.json", json.dumps(meta, indent=2))
@@ -2858,7 +3341,10 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         if noise:
             log(f"{cls.__name__} figures are noisy: {'; '.join(noise)}. Run again on a quiet machine", "WARNING")
         flops_per_call = compute.pop("flops_per_call")
-        dissection = dissect_model(bench, job, progress, flops_per_call) if job.dissect else None
+        parity = parity_phase(bench, job, progress)
+        parity_layers = parity.pop("parity_layers", None)
+        per_call = {(layer["name"], layer["call"]): layer for layer in parity_layers} if parity_layers else None
+        dissection = dissect_model(bench, job, progress, flops_per_call, per_call) if job.dissect else None
         info = bench.get_info()
         bench_recompilations = bench.recompilations()
         progress.update(phase="cleanup", image=None)  # on failure the phase stays where it failed
@@ -2885,6 +3371,7 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         "warm_median_event_sec": median_or_none([r["inference_event_sec"] for r in runs
                                                  if r["run"] > 1 and r["inference_event_sec"] is not None]),
         **compute,
+        **parity,
         "gpu_state_before": gpu_before,
         "gpu_state_after": gpu_after,
         "gpu_own_process": gpu_after["own_process_by"],
@@ -3165,6 +3652,7 @@ class RunConfig:
     device_request: str = "auto"     # --device as given (a Ray node resolves "auto" itself)
     dissect_filter: str | None = None
     dissect_max_mb: float | None = None
+    parity_layers: bool = False
     executor_info: dict = field(default_factory=lambda: {"executor": "local"})
     skips: dict[str, str] = field(default_factory=dict)
     options: RunOptions = field(default_factory=RunOptions)
@@ -3212,7 +3700,7 @@ class RunConfig:
                          models_dir=str(self.models_dir), images=[str(p) for p in self.images], runs=self.runs,
                          dissect=self.dissect, dissect_mode=self.dissect_mode, viz_dir=str(self.viz_dir),
                          dissect_filter=self.dissect_filter, dissect_max_mb=self.dissect_max_mb,
-                         options=asdict(self.options))
+                         options=asdict(self.options), parity_layers=self.parity_layers)
 
 
 def this_program(*args: str) -> list[str]:
@@ -3886,6 +4374,19 @@ class HistoryStore:
         return [dict(r) for r in found]
 
 
+PARITY_RANK = {"reference": 0, "exact": 0, "ok": 1, "drift": 2, "broken": 3}
+
+
+def parity_change(row: dict, before: dict) -> dict | None:
+    """'parity changed' when the accuracy verdict is worse than in the latest earlier run of the
+    same configuration (a library upgrade that changed the numerics)."""
+    now, then = row.get("parity"), before.get("parity")
+    if now not in PARITY_RANK or then not in PARITY_RANK or PARITY_RANK[now] <= PARITY_RANK[then]:
+        return None
+    return {"metric": "accuracy", "verdict": "parity changed", "baseline": before.get("parity_rel_l2_max"),
+            "now": row.get("parity_rel_l2_max"), "detail": f"{then} -> {now}"}
+
+
 def judge_model(row: dict, earlier: list[dict], environment: dict) -> list[dict]:
     """Every verdict for one model of this run against its earlier runs (most recent first)."""
     previous = earlier[0]["verdicts"] if earlier else {}
@@ -3907,6 +4408,8 @@ def judge_model(row: dict, earlier: list[dict], environment: dict) -> list[dict]
             if earlier[0].get(key) != row.get(key):
                 verdicts.append({"metric": metric, "verdict": "changed", "baseline": None, "now": None,
                                  "detail": f"{earlier[0].get(key)} -> {row.get(key)}"})
+    if earlier and (changed := parity_change(row, earlier[0])):
+        verdicts.append(changed)
     changes = environment_changes(environment, earlier[0]["environment"] if earlier else None)
     notes = [f"this run was noisy: {'; '.join(row.get('noise_reasons', []))}"] if row.get("noisy") else []
     return [{"model_name": row_name(row), "class_name": row["class_name"], **v, "env_changes": changes,
@@ -3967,7 +4470,8 @@ EXTRA_CSV_COLUMNS = [
     "dtype", "channels_last", "compile_mode", "fuse", "threads", "interop_threads", "cpu_affinity", "compile_sec",
     "recompilations", "gflops", "achieved_tflops", "peak_tflops", "mfu", "energy_j_per_inference", "power_mean_w",
     "warm_median_event_sec", "compile_calls", "peak_precision", "checkpoint_dtype", "weights_dtype", "nvml",
-    "gpu_own_process", "layer_timing",
+    "gpu_own_process", "layer_timing", "parity", "parity_thresholds", "parity_rel_l2_max", "parity_max_abs",
+    "parity_nonfinite", "parity_agreement", "parity_note", "parity_first_drift", "reference_sec",
 ]
 
 
@@ -4085,6 +4589,55 @@ def compute_markdown(ok: list[dict]) -> list[str]:
           na(r.get("warm_median_event_sec"))] for r in ok])
 
 
+def parity_text(row: dict) -> str:
+    """A row's accuracy verdict as the report writes it."""
+    verdict = row.get("parity")
+    if verdict is None:
+        return "n/a (not checked)"
+    return "reference (fp32 eager)" if verdict == "reference" else f"{verdict} ({row.get('parity_thresholds')} thresholds)"
+
+
+def accuracy_markdown(ok: list[dict]) -> list[str]:
+    """The Accuracy cost block: each variant against the fp32 eager reference, then where its error grows."""
+    limits = "; ".join(f"{name}: relative error <= {t['rel_l2']:g} and task agreement >= {t['agreement']:g}"
+                       for name, t in PARITY_THRESHOLDS.items())
+    md = ["## Accuracy cost", "",
+          "Each variant (--dtype, --fuse, --channels-last, --compile) against a fresh fp32 eager instance of the same "
+          "model and weights, on every image, outside the timed runs (Reference = its time); the worst image is "
+          "shown. Relative error: ||variant - reference|| / ||reference|| of the raw forward outputs. Task "
+          "agreement: detection F1 (boxes matched by class at IoU >= 0.5; segment: also mask IoU), depth: pixels "
+          "within a ratio of 1.25, MobileSAM: mask IoU. n/a (no detections): neither output holds a detection "
+          f"above the confidence threshold, so there is nothing to agree on. ok: {limits}; broken: non-finite "
+          f"values or agreement below {PARITY_BROKEN_AGREEMENT}; exact: bitwise equal.", ""]
+    md += table(["Model", "Verdict", "Worst relative error", "Max abs error", "Task agreement", "Task figures",
+                 "First drifting layer", "Reference (s)"],
+                [[row_name(r), parity_text(r), na(r.get("parity_rel_l2_max"), ".2e"), na(r.get("parity_max_abs"), ".2e"),
+                  r.get("parity_note") or na(r.get("parity_agreement"), ".3f"), task_figures_text(r.get("parity_task")),
+                  first_drift_text(r), na(r.get("reference_sec"), ".2f")] for r in ok])
+    for r in (r for r in ok if r.get("parity_growth_top")):
+        md += [f"Where the error of {row_name(r)} grows most (output error over input error, "
+               f"{r['parity_layers_compared']} outputs compared on the first image):", ""] + table(
+            ["Module", "Call", "Type", "Output error", "Input error", "Growth"],
+            [[g["name"], g["call"], g["type"], na(g["rel_err"], ".2e"), na(g["in_rel_err"], ".2e"),
+              na(g["growth"], ".1f") if g["in_rel_err"] >= PARITY_GROWTH_FLOOR else "all of it (exact input)"]
+             for g in r["parity_growth_top"]])
+    return md
+
+
+def task_figures_text(task: dict | None) -> str:
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in (task or {}).items()
+                     if k not in ("agreement", "note") and v is not None) or "-"
+
+
+def first_drift_text(row: dict) -> str:
+    if row.get("parity_layer_note"):
+        return row["parity_layer_note"]
+    if "parity_first_drift" not in row:
+        return "not compared (--parity-layers or dissection)" if row.get("parity") not in (None, "reference") else "-"
+    drift = row["parity_first_drift"]
+    return f"{drift['name']} (call {drift['call']}, {drift['rel_err']:.2e})" if drift else f"none above {row['parity_layer_limit']:g}"
+
+
 def devices_text(payload: dict) -> str:
     """The device(s) the models ran on: each row's own (on a Ray cluster each node has its own), else the run's."""
     seen = collections.Counter(str(r["device"]) for r in payload["results"] if r["status"] == "ok" and r.get("device"))
@@ -4157,6 +4710,7 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
           fmt(r["warm_p90_sec"]), fmt(r["warm_p99_sec"]), r["warm_samples"], fmt(r["warm_iqr_rel"], ".1%"),
           fmt(r["preprocess_avg_sec"]), fmt(r["postprocess_avg_sec"]), shape_text(r["input_shape"])] for r in ok])
     md += compute_markdown(ok)
+    md += accuracy_markdown(ok)
     varied = [r for r in ok if len({shape_text(i["input_shape"]) for i in r["per_image"]}) > 1]
     if varied:
         md += ["## Per-Image Latency", "", "Models whose input shape differs between images: each image's first "
@@ -4217,7 +4771,7 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
                f"outputs, {format_bytes(r['dissect_bytes_written'])}, {r['dissect_time_sec']:.2f}s, {r['dissect_mode']})",
                f"- Metadata: [`layers_metadata.json`]({rel}/layers_metadata.json)",
                f"- Layer browser: [`index.html`]({rel}/index.html) (every output with its picture, statistics "
-               "and time; filter by module or type, sort by time)",
+               "and time; filter by module or type, sort by time or parity error)",
                f"- Status: {r['dissect_status']}", "",
                f"![{r['class_name']} overview]({rel}/overview.png)", ""]
         if r.get("dissect_top_layers"):
@@ -4523,6 +5077,8 @@ def verdict_figure(verdict: dict, key: str) -> str:
     value = verdict.get(key)
     if value is None:
         return "n/a"
+    if verdict["metric"] == "accuracy":
+        return f"relative error {value:.2e}"
     return f"{value:.0f} MB" if verdict["metric"] == "memory peak" else f"{value:.4f} s"
 
 
@@ -4559,7 +5115,7 @@ def print_changes(payload: dict) -> None:
         return
     banner("CHANGES SINCE EARLIER RUNS")
     for row in verdict_rows(verdicts):
-        level = "WARNING" if any(word in row[6] for word in FLAGGED) else "VERDICT"
+        level = "WARNING" if any(word in row[6] for word in (*FLAGGED, "parity changed")) else "VERDICT"
         log(f"{row[0]} {row[1]}: {row[6]} (baseline {row[2]}, now {row[3]}, ratio {row[4]}, p {row[5]}) {row[7]}",
             level)
 
@@ -5554,6 +6110,9 @@ def build_parser() -> ArgumentParser:
                         help="fuse Conv+BN as Ultralytics' predict() does (YOLO, MobileSAM's encoder; no-op elsewhere)")
     deploy.add_argument("--threads", type=positive_int, metavar="N",
                         help="CPU intra-op threads (default: the CPUs this process may use)")
+    deploy.add_argument("--parity-layers", action="store_true",
+                        help="for a variant (--dtype/--fuse/--channels-last/--compile): compare every layer with the "
+                             "fp32 reference and name the first that drifts (always on with dissection)")
     cluster = parser.add_argument_group("many machines (Ray)")
     cluster.add_argument("--executor", choices=EXECUTORS, default="local",
                          help="local (default): this machine; ray: a Ray cluster, one model per GPU or per node")
@@ -5791,6 +6350,7 @@ def run(args: argparse.Namespace) -> int:
                             isolation=args.isolation, model_timeout_sec=args.model_timeout, work_dir=Path(work_dir),
                             timestamp=claim_timestamp(output_dir), skips=skips, device_request=args.device,
                             dissect_filter=args.dissect_filter, dissect_max_mb=args.dissect_max_mb,
+                            parity_layers=args.parity_layers,
                             started_at=datetime.now().isoformat(timespec="microseconds"), options=options,
                             history=str(history) if history else None,
                             executor_info={"executor": "ray", "fleet": args.fleet} if on_ray else {"executor": "local"})

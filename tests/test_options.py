@@ -71,6 +71,11 @@ def test_bf16_on_a_transformers_model(tmp_path, one_image_dir, capsys):
     assert row["status"] == "ok" and row["dtype"] == "bf16"
     meta = json.loads((Path(row["viz_dir"]) / "layers_metadata.json").read_text(encoding="utf-8"))
     assert any(l["dtype"] == "bfloat16" and l["files"] for l in meta["layers"])
+    # A variant with dissection compares its layers with the fp32 reference: every output has its error.
+    assert row["parity"] in ("ok", "drift") and 0 < row["parity_agreement"] <= 1
+    assert row["parity_task"]["abs_rel"] >= 0 and row["parity_layers_compared"] == len(meta["layers"])
+    assert all(l["parity_rel_err"] is not None and l["parity_rel_err"] > 0 for l in meta["layers"]
+               if l["dtype"] == "bfloat16")
     fp32 = ub.DepthAnythingV2SmallBenchmark(torch.device("cpu"), "random")
     fp32.load()
     image = ub.decode_image(one_image_dir / "bus.jpg")
