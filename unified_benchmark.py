@@ -2962,16 +2962,11 @@ def compare_layers(variant: ModelBenchmark, image: Image.Image, spill: LayerSpil
 
 
 def layer_parity(reference: ModelBenchmark, variant: ModelBenchmark, image: Image.Image, threshold_set: str,
-                 folder: Path | None = None) -> dict:
+                 plain_peak_mb: float, folder: Path | None = None) -> dict:
     """The first layer that drifts and where the error grows most, from a hooked eager forward
-    of the reference and of the variant on one image; the peak RSS it took beyond what a plain
-    eager forward of either takes (parity_layers_extra_rss_mb: the captures' own cost)."""
+    of the reference and of the variant on one image; the peak RSS it took beyond plain_peak_mb,
+    the peak of a plain forward of either on that image (parity_layers_extra_rss_mb: the captures' own cost)."""
     start = time.perf_counter()
-    plain_peak_mb = 0.0
-    for bench in (variant, reference):
-        with PeakMemory(torch.device("cpu")) as plain:
-            hooked_forward(bench, image)
-        plain_peak_mb = max(plain_peak_mb, plain.rss_peak_mb)
     with PeakMemory(torch.device("cpu")) as peak:
         spill = spill_reference_layers(reference, image, folder)
         try:
@@ -3004,6 +2999,13 @@ def parity_outputs(bench: ModelBenchmark, image: Image.Image) -> tuple[list[torc
         return raw, bench.task_result(bench.postprocess(outputs, image), image)
 
 
+def outputs_with_peak(bench: ModelBenchmark, images: list[tuple[str, Image.Image]]) -> tuple[list, float]:
+    """parity_outputs on every image, and the peak RSS of the first image's (the one the layers are compared on)."""
+    with PeakMemory(torch.device("cpu")) as peak:
+        first = parity_outputs(bench, images[0][1])
+    return [first] + [parity_outputs(bench, image) for _, image in images[1:]], peak.rss_peak_mb
+
+
 def check_parity(bench: ModelBenchmark, images: list[tuple[str, Image.Image]], layers: bool) -> dict:
     """The variant's outputs against a fresh fp32 eager instance of the same model and weights,
     on every image (its time is reference_sec, never a sample); with layers, the first layer
@@ -3017,13 +3019,14 @@ def check_parity(bench: ModelBenchmark, images: list[tuple[str, Image.Image]], l
     found = {}
     try:
         reference.load()
-        expected = [parity_outputs(reference, image) for _, image in images]
+        expected, ref_peak_mb = outputs_with_peak(reference, images)
         reference_sec = time.perf_counter() - start
+        got, variant_peak_mb = outputs_with_peak(bench, images)  # beside the reference, as the layer pass runs
         if layers and bench.options.compile:
             found = {"parity_layer_note": "n/a: --compile runs compiled graphs, which have no per-layer outputs"}
         elif layers:
             try:
-                found = layer_parity(reference, bench, images[0][1], threshold_set)
+                found = layer_parity(reference, bench, images[0][1], threshold_set, max(ref_peak_mb, variant_peak_mb))
             except Exception as e:  # the outputs' figures stand without it
                 if is_out_of_memory(e):
                     raise
@@ -3031,8 +3034,7 @@ def check_parity(bench: ModelBenchmark, images: list[tuple[str, Image.Image]], l
     finally:
         reference.cleanup()
         del reference
-    per_image = [image_parity(name, bench.PARITY_TASK, parity_outputs(bench, image), ref)
-                 for (name, image), ref in zip(images, expected)]
+    per_image = [image_parity(name, bench.PARITY_TASK, mine, ref) for (name, _), mine, ref in zip(images, got, expected)]
     return json_safe({**parity_summary(threshold_set, per_image), "reference_sec": reference_sec,
                       "parity_per_image": per_image, **found})
 

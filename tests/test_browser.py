@@ -69,3 +69,19 @@ def test_the_page_filters_by_module_or_type(dissected):
         expected = sum(query in l["name"].lower() or query in l["type"].lower() for l in layers)
         data = body_data(chromium("--dump-dom", (folder / "index.html").as_uri() + f"#filter={query}"))
         assert 0 < int(data["shown"]) == expected < 259, (query, data)
+
+
+def test_the_page_sorts_by_parity_error(tmp_path):
+    """A variant's page: the parity column, and sorting by it puts the worst output first
+    (outputs without a reference figure last)."""
+    errors = [3e-7, None, 0.2, 1e-3]
+    meta = {"model_name": "M", "class_name": "M", "total_outputs": 4, "image": "bus.jpg",
+            "layers": [{"index": i, "name": f"layer{i}", "type": "Conv2d", "call": 1, "shape": [1, 2],
+                        "parity_rel_err": e, "files": []} for i, e in enumerate(errors)]}
+    ub.write_layer_browser(tmp_path, meta)
+    dom = chromium("--dump-dom", (tmp_path / "index.html").as_uri() + "#sort=parity")
+    assert "js-errors" not in body_data(dom)
+    assert "parity rel err" in dom
+    assert re.findall(r"<td>(layer\d)</td>", dom) == ["layer2", "layer3", "layer0", "layer1"]
+    assert re.findall(r"<td>(layer\d)</td>", chromium("--dump-dom", (tmp_path / "index.html").as_uri())) == \
+        ["layer0", "layer1", "layer2", "layer3"]

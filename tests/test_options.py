@@ -58,6 +58,11 @@ def test_bf16_channels_last_fuse_threads_on_yolo_recorded_everywhere(tmp_path, o
     assert sum(l["flops"] for l in meta["layers"]) <= row["gflops"] * 1e9
     key = ub.model_config(payload, row)
     assert key["options"] == payload["options"]
+    # bf16 with fusion and channels-last, against the unfused fp32 eager model: judged as reduced precision.
+    assert row["parity"] in ("ok", "drift") and row["parity_thresholds"] == "reduced"
+    assert row["parity_rel_l2_max"] > 1e-3 and row["parity_layers_compared"] == len(meta["layers"])
+    fused = [l for l in meta["layers"] if (l.get("parity_note") or "").startswith("fused: against the unfused")]
+    assert fused and all(l["type"] == "Conv2d" for l in fused)
 
 
 @pytest.mark.slow

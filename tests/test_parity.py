@@ -180,6 +180,7 @@ def test_a_no_op_option_is_exact_which_proves_the_reference_has_the_variants_wei
     assert found["parity_task"] == {"abs_rel": 0, "delta_1_25": 1, "agreement": 1}
 
 
+@pytest.mark.slow  # the shared eight-model run
 def test_every_row_of_a_plain_run_is_the_reference(eight_models):
     code, text, report = eight_models
     assert code == 0, text

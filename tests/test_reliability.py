@@ -194,6 +194,7 @@ def test_rss_growth_across_models_is_bounded(tmp_path, one_image_dir):
     assert growth_mb < one_model_mb / 2, (growth_mb, one_model_mb)
 
 
+@pytest.mark.slow  # the shared eight-model run
 def test_each_worker_measures_memory_against_its_own_baseline(eight_models):
     """In worker processes the baseline is taken after imports and runtime init, so it is the
     same for every model and no model is charged for what an earlier one left behind."""
