@@ -2847,7 +2847,6 @@ class LayerSpill:
         self._buffer = np.empty(PARITY_CHUNK_ELEMENTS, dtype=np.float32)
         self.index: dict[tuple[str, str, int], tuple[int, list[int]]] = {}  # (kind, name, call) -> (offset, shape)
         self.order: list[tuple[str, int, str]] = []  # (name, call, type) in execution order
-        self.bytes_written = 0
 
     def close(self) -> None:
         self._file.close()
@@ -2866,7 +2865,10 @@ class LayerSpill:
             while view:  # pwrite may write less than asked
                 written = os.pwrite(self._fd, view, self._offset)
                 self._offset, view = self._offset + written, view[written:]
-        self.bytes_written = self._offset
+
+    @property
+    def bytes_written(self) -> int:
+        return self._offset
 
     def rel_err(self, key: tuple[str, str, int], tensor: torch.Tensor) -> tuple[float | None, bool]:
         """(||tensor - stored|| / ||stored||, any non-finite value in tensor); None where shapes differ."""
