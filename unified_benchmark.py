@@ -2659,17 +2659,22 @@ def output_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def relative_error(err_norm: float, ref_norm: float) -> float:
+    """||v - r|| / ||r||: 0 where both are 0, infinite where only the reference is 0."""
+    return err_norm / ref_norm if ref_norm > 0 else (0.0 if err_norm == 0 else math.inf)
+
+
 def tensor_parity(variant: torch.Tensor, reference: torch.Tensor) -> dict:
     """Max abs error, relative L2 error ||v - r|| / ||r|| and non-finite values of one output."""
     v, r = variant.detach().double().cpu(), reference.detach().double().cpu()
-    figures = {"shape": list(reference.shape), "dtype": str(variant.dtype).replace("torch.", ""),
+    figures = {"shape": list(reference.shape),
                "nonfinite": int((~torch.isfinite(v)).sum()), "exact": bool(torch.equal(variant.cpu(), reference.cpu()))}
     if v.shape != r.shape:
         return {**figures, "max_abs": math.inf, "rel_l2": math.inf, "note": f"shape {list(v.shape)} != {list(r.shape)}"}
     diff = torch.nan_to_num(v - r, nan=math.inf)
     norm, err = float(r.norm()), float(diff.norm())
     figures["max_abs"] = float(diff.abs().max()) if diff.numel() else 0.0
-    figures["rel_l2"] = err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
+    figures["rel_l2"] = relative_error(err, norm)
     return figures
 
 
@@ -2885,7 +2890,7 @@ class LayerSpill:
             err, norm = err + float(torch.dot(d, d)), norm + float(torch.dot(r, r))
         if not math.isfinite(err):
             return math.inf, True
-        return (math.sqrt(err / norm) if norm > 0 else (0.0 if err == 0 else math.inf)), False
+        return relative_error(math.sqrt(err), math.sqrt(norm)), False
 
 
 def hook_leaves(model: torch.nn.Module, on_input: Callable[[str, int, torch.nn.Module, Any], None],
