@@ -2999,9 +2999,12 @@ def shape_bytes(shape: list[int]) -> int:
 
 
 def parity_outputs(bench: ModelBenchmark, image: Image.Image) -> tuple[list[torch.Tensor], dict]:
-    """One untimed run as deployed: raw output tensors (float32 copies on the CPU) and the task result."""
+    """One untimed run as deployed: raw output tensors (float32 copies on the CPU) and the task result.
+    The inputs are prepared outside inference mode, as infer() prepares them: an inference tensor
+    fails a compiled forward's guards, and the whole model would compile again (a minute on a CPU)."""
+    inputs = bench.prepare(image)
     with torch.inference_mode():
-        outputs = to_float32(bench.run_forward(bench.prepare(image)))
+        outputs = to_float32(bench.run_forward(inputs))
         raw = [t.detach().float().cpu().clone() for t in output_tensors(outputs)]
         return raw, bench.task_result(bench.postprocess(outputs, image), image)
 
@@ -3028,16 +3031,19 @@ def check_parity(bench: ModelBenchmark, images: list[tuple[str, Image.Image]], l
         reference.load()
         expected, ref_peak_mb = outputs_with_peak(reference, images)
         reference_sec = time.perf_counter() - start
+        compiled_before = bench.recompilations()
         got, variant_peak_mb = outputs_with_peak(bench, images)  # beside the reference, as the layer pass runs
+        if compiled_before is not None:  # the variant's outputs must come from the graphs that were timed
+            found["parity_recompilations"] = bench.recompilations() - compiled_before
         if layers and bench.options.compile:
-            found = {"parity_layer_note": "n/a: --compile runs compiled graphs, which have no per-layer outputs"}
+            found["parity_layer_note"] = "n/a: --compile runs compiled graphs, which have no per-layer outputs"
         elif layers:
             try:
-                found = layer_parity(reference, bench, images[0][1], threshold_set, max(ref_peak_mb, variant_peak_mb))
+                found |= layer_parity(reference, bench, images[0][1], threshold_set, max(ref_peak_mb, variant_peak_mb))
             except Exception as e:  # the outputs' figures stand without it
                 if is_out_of_memory(e):
                     raise
-                found = {"parity_layer_note": f"n/a: the layer comparison failed ({type(e).__name__}: {e})"}
+                found["parity_layer_note"] = f"n/a: the layer comparison failed ({type(e).__name__}: {e})"
     finally:
         reference.cleanup()
         del reference
@@ -3238,6 +3244,9 @@ def parity_phase(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress)
     log(f"Accuracy cost against fp32 eager ({found['parity_thresholds']} thresholds): {found['parity']}; worst "
         f"relative error {fmt(found['parity_rel_l2_max'], '.2e')}, max abs {fmt(found['parity_max_abs'], '.2e')}; {task} "
         f"(reference {found['reference_sec']:.2f}s, not a sample)", "PARITY")
+    if found.get("parity_recompilations"):
+        log(f"{type(bench).__name__}: the accuracy check compiled {found['parity_recompilations']} graph(s) the timed "
+            f"runs did not use: its figures may not be those of the timed graphs", "WARNING")
     if layers and "parity_layers" in found:
         drift = found["parity_first_drift"]
         log(f"First layer above {found['parity_layer_limit']:.0e}: " + (f"{drift['name']} (call {drift['call']}, "
@@ -3371,7 +3380,7 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         if noise:
             log(f"{cls.__name__} figures are noisy: {'; '.join(noise)}. Run again on a quiet machine", "WARNING")
         flops_per_call = compute.pop("flops_per_call")
-        bench_recompilations = bench.recompilations()  # in the timed runs; the parity check may compile again
+        bench_recompilations = bench.recompilations()  # in the timed runs; the parity check's are its own figure
         parity = parity_phase(bench, job, progress)
         parity_layers = parity.pop("parity_layers", None)
         per_call = {(layer["name"], layer["call"]): layer for layer in parity_layers} if parity_layers else None
@@ -4502,6 +4511,7 @@ EXTRA_CSV_COLUMNS = [
     "warm_median_event_sec", "compile_calls", "peak_precision", "checkpoint_dtype", "weights_dtype", "nvml",
     "gpu_own_process", "layer_timing", "parity", "parity_thresholds", "parity_rel_l2_max", "parity_max_abs",
     "parity_nonfinite", "parity_agreement", "parity_note", "parity_first_drift", "reference_sec",
+    "parity_recompilations",
 ]
 
 
