@@ -3697,6 +3697,7 @@ class RunConfig:
     options: RunOptions = field(default_factory=RunOptions)
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     history: str | None = None       # the history file this run is stored in (None: --no-history)
+    history_keep_runs: int | None = None  # --history-keep-runs (None: keep every run)
     journal: RunJournal | None = None
     usable_cpus: int = field(default_factory=lambda: usable_cpus())  # when the run began (a recovery reads the dead run's)
 
@@ -4040,6 +4041,7 @@ NOISE_BAND_FACTOR = 4.0          # ... or 1 + 4 x the robust CV of the past, whe
 MEMORY_MIN_REL, MEMORY_MIN_MB = 0.05, 64.0   # memory peak: both must be exceeded
 ENV_KEYS_COMPARED = ("torch", "transformers", "ultralytics", "cuda_version", "cudnn_version", "python", "os")
 FLAGGED = ("suspicious", "regression")
+HISTORY_LOCK_TIMEOUT_SEC = 30.0  # how long a run waits for another process's write to the history
 
 HISTORY_SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -4294,13 +4296,31 @@ class HistoryStore:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(path, timeout=30)
+            self.db = sqlite3.connect(path, timeout=HISTORY_LOCK_TIMEOUT_SEC)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self._migrate()
         except sqlite3.DatabaseError as e:
-            raise OutputError(f"history store {path} cannot be used ({e}): move it aside, or pass --history "
-                              f"PATH or --no-history") from e
+            raise OutputError(f"history store {path} cannot be used ({e}): {history_advice(str(e))}") from e
+
+    def size(self) -> dict:
+        """The history's size: its runs, and its bytes on disk (with the WAL file beside it)."""
+        files = [self.path, self.path.with_name(self.path.name + "-wal")]
+        size_bytes = sum(f.stat().st_size for f in files if f.exists())
+        runs = self.db.execute("SELECT count(*) FROM runs").fetchone()[0]
+        return {"history_runs": runs, "history_mb": round(size_bytes / 2**20, 3)}
+
+    def prune(self, keep_runs: int) -> int:
+        """--history-keep-runs: delete every run older than the newest keep_runs, with its results,
+        samples and verdicts, in one transaction (all or nothing); returns how many were deleted."""
+        doomed = [r[0] for r in self.db.execute("SELECT run_id FROM runs ORDER BY started_at DESC, rowid DESC "
+                                                 "LIMIT -1 OFFSET ?", (keep_runs,))]
+        with self.db:
+            for table in ("verdicts", "samples", "model_results", "runs"):
+                self.db.executemany(f"DELETE FROM {table} WHERE run_id=?", [(run_id,) for run_id in doomed])
+        if doomed:  # freed pages are reused by later runs; a checkpoint keeps the WAL file from growing
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return len(doomed)
 
     def _migrate(self) -> None:
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -4455,6 +4475,16 @@ def judge_model(row: dict, earlier: list[dict], environment: dict) -> list[dict]
              "notes": notes} for v in verdicts]
 
 
+def history_advice(error: str) -> str:
+    """What to do about a history file SQLite refused, by its message."""
+    if "locked" in error:
+        return (f"another process held it for over {HISTORY_LOCK_TIMEOUT_SEC:g}s (a run or a reader of the same "
+                f"file): run again when it is done, or pass --history PATH or --no-history")
+    if "readonly" in error or "read-only" in error:
+        return "it, or its folder, cannot be written: make both writable, or pass --history PATH or --no-history"
+    return "move it aside, or pass --history PATH or --no-history"
+
+
 def import_reports(store: HistoryStore, folder: Path) -> tuple[int, int]:
     """Load benchmark_results_*.json files into the history, idempotent by run id: (added, already there)."""
     if not folder.is_dir():
@@ -4562,6 +4592,7 @@ def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, e
         "dissect_mode": cfg.dissect_mode if cfg.dissect else None,
         "isolation": cfg.isolation,
         "model_timeout_sec": cfg.model_timeout_sec,
+        "history_keep_runs": cfg.history_keep_runs,
         "options": cfg.options.key(cfg.usable_cpus),
         "options_as_run": asdict(cfg.options),
         **cfg.executor_info,
@@ -5149,7 +5180,17 @@ def changes_markdown(payload: dict) -> list[str]:
         f"max({WARM_MIN_RATIO}, 1 + 4 x robust CV of their medians); cold start: ratio to the median of the last "
         f"cold starts of at least max({COLD_MIN_RATIO}, 1 + 4 x MAD/median); memory: over {MEMORY_MIN_REL:.0%} "
         f"and {MEMORY_MIN_MB:.0f} MiB above the median. A first occurrence is suspicious, the same in the next "
-        "run a regression.", ""] + table(VERDICT_HEADER, verdict_rows(verdicts))
+        "run a regression.", ""] + table(VERDICT_HEADER, verdict_rows(verdicts)) + history_size_text(payload)
+
+
+def history_size_text(payload: dict) -> list[str]:
+    """The history's size before this run, and what --history-keep-runs keeps."""
+    size = payload.get("history_size")
+    if not size:
+        return ["", "The history was empty before this run."]
+    keep = payload.get("history_keep_runs")
+    return ["", f"The history held {size['history_runs']} run(s) in {size['history_mb']:.2f} MB before this run; "
+            + (f"it keeps the newest {keep} (--history-keep-runs)." if keep else "every run is kept (no --history-keep-runs).")]
 
 
 def print_changes(payload: dict) -> None:
@@ -6175,6 +6216,10 @@ def build_parser() -> ArgumentParser:
                          help=f"run history (SQLite) to store this run in and judge it against "
                               f"(default: results/{HISTORY_FILE_NAME} in the output folder)")
     history.add_argument("--no-history", action="store_true", help="neither store this run nor judge it")
+    history.add_argument("--history-keep-runs", type=positive_int, metavar="N",
+                         help=f"after storing this run, delete the history's runs older than the newest N, with "
+                              f"their samples and verdicts (default: keep every run; verdicts compare against up to "
+                              f"{BASELINE_MAX_RUNS} earlier runs, and need {BASELINE_MIN_RUNS})")
     history.add_argument("--fail-on-regression", action="store_true",
                          help=f"exit {EXIT_REGRESSION} when any verdict is 'regression', {EXIT_HISTORY_UNUSABLE} when "
                               f"the history could not be read or written (for cron mail)")
@@ -6396,7 +6441,7 @@ def run(args: argparse.Namespace) -> int:
                             dissect_filter=args.dissect_filter, dissect_max_mb=args.dissect_max_mb,
                             parity_layers=args.parity_layers,
                             started_at=datetime.now().isoformat(timespec="microseconds"), options=options,
-                            history=str(history) if history else None,
+                            history=str(history) if history else None, history_keep_runs=args.history_keep_runs,
                             executor_info={"executor": "ray", "fleet": args.fleet} if on_ray else {"executor": "local"})
             log(f"Run {cfg.timestamp}: {len(classes)} model(s), {len(images)} image(s), {cfg.runs} run(s) per image, "
                 f"{cfg.weights} weights, device {device}, isolation {cfg.isolation}, options {options_text(options)}")
@@ -6435,7 +6480,7 @@ def report_run(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, env: 
     paths = generate_reports(payload, cfg, trends)
     if cfg.executor_info.get("fleet", "spread") != "spread":
         paths += merged_fleet_report(payload, cfg)
-    store_in_history(payload, source)
+    store_in_history(payload, source, cfg.history_keep_runs)
     return payload, paths
 
 
@@ -6498,7 +6543,7 @@ def recover_run(journal: Path) -> list[Path]:
     if report.exists():  # written last: the run's reports are all there, perhaps not its history entry
         payload = {**payload_from_report(report), "history": cfg.history, "verdicts": []}
         if cfg.history:
-            store_in_history(payload, "run" if payload.get("complete") else "recovered")
+            store_in_history(payload, "run" if payload.get("complete") else "recovered", cfg.history_keep_runs)
         if not payload.get("history_note"):
             journal.unlink()
         log(f"Run {cfg.timestamp}'s reports were written before it ended: left as they are", "RECOVER")
@@ -6556,20 +6601,24 @@ def judge_against_history(payload: dict, path: Path | None) -> dict[str, list[di
                 trends[run_key(row["class_name"], row.get("node_label"))] = (store.trend(payload, row) if store else []) + [
                     {"started_at": payload["started_at"], "warm_median_sec": row["warm_median_sec"], **warm}]
                 verdicts += judged
+            if store:
+                payload["history_size"] = store.size()  # before this run is added
         finally:
             if store:
                 store.close()
     except (BenchError, sqlite3.Error, OSError) as e:
-        payload["history_note"] = f"The run history could not be used: {e}"
+        advice = f": {history_advice(str(e))}" if isinstance(e, sqlite3.Error) else ""
+        payload["history_note"] = f"The run history could not be used: {e}{advice}"
         log(payload["history_note"], "WARNING")
         return {}
     payload["verdicts"] = verdicts
     return trends
 
 
-def store_in_history(payload: dict, source: str = "run") -> None:
-    """Add the run, its raw samples and its verdicts to the history (after its reports); a failure
-    is a warning and the payload's history_note (the exit code reads it)."""
+def store_in_history(payload: dict, source: str = "run", keep_runs: int | None = None) -> None:
+    """Add the run, its raw samples and its verdicts to the history (after its reports), then
+    (--history-keep-runs) delete the runs older than the newest keep_runs; a failure is a warning
+    and the payload's history_note (the exit code reads it)."""
     if payload["verdicts"] is None:  # --no-history, or a history that could not be used
         return
     try:
@@ -6577,11 +6626,17 @@ def store_in_history(payload: dict, source: str = "run") -> None:
         try:
             store.add_run(payload, source)
             store.add_verdicts(payload["run_id"], payload["verdicts"])
+            pruned = store.prune(keep_runs) if keep_runs else 0
+            size = store.size()
         finally:
             store.close()
     except (BenchError, sqlite3.Error, OSError) as e:
-        payload["history_note"] = f"this run could not be added to the history {payload['history']}: {e}"
+        advice = f": {history_advice(str(e))}" if isinstance(e, sqlite3.Error) else ""
+        payload["history_note"] = f"this run could not be added to the history {payload['history']}: {e}{advice}"
         log(payload["history_note"], "WARNING")
+        return
+    log(f"Stored in the history {payload['history']}: {size['history_runs']} run(s), {size['history_mb']:.2f} MB"
+        + (f"; {pruned} older run(s) deleted (--history-keep-runs {keep_runs})" if pruned else ""), "HISTORY")
 
 
 def run_tool(args: argparse.Namespace) -> int:

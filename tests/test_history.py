@@ -485,3 +485,89 @@ def test_odd_values_in_a_spec_report_are_noted_never_a_traceback(tmp_path, capsy
         assert [r["inference_sec"] for r in runs if r["run"] == 1] == [0.9, 0.8]
         assert imported["warm_median_sec"] == pytest.approx(0.1)
     assert imported.get("mem_peak_mb") is None or isinstance(imported["mem_peak_mb"], float)
+
+
+# -- a year of nights: retention, and a history that cannot be used ----------------------------
+
+QUICK = ["--weights", "random", "--models", "yolo11n-detect", "--runs", "2", "--no-dissect", "--isolation", "none"]
+
+
+def stored_runs(db_path: Path) -> dict[str, int]:
+    db = sqlite3.connect(db_path)
+    try:
+        return {table: db.execute(f"SELECT count(DISTINCT run_id) FROM {table}").fetchone()[0]
+                for table in ("runs", "model_results", "samples", "verdicts")}
+    finally:
+        db.close()
+
+
+def test_history_keep_runs_deletes_the_oldest_runs_whole(tmp_path, capsys, one_image_dir):
+    """Three real runs with --history-keep-runs 2: the oldest run goes with its results, samples and
+    verdicts; the report gives the history's size before the run and what it keeps."""
+    args = [*QUICK, "--images", one_image_dir, "--output-dir", tmp_path, "--history-keep-runs", "2"]
+    texts = []
+    for _ in range(3):
+        code, text = run_main(capsys, *args)
+        assert code == 0, text
+        texts.append(text)
+    db_path = tmp_path / "results" / "history.sqlite"
+    assert stored_runs(db_path) == {"runs": 2, "model_results": 2, "samples": 2, "verdicts": 2}
+    reports = sorted((tmp_path / "results").glob("benchmark_results_*.json"))
+    kept = {r[0] for r in sqlite3.connect(db_path).execute("SELECT run_id FROM runs")}
+    assert kept == {json.loads(p.read_text(encoding="utf-8"))["run_id"] for p in reports[1:]}  # the newest two
+    assert "1 older run(s) deleted (--history-keep-runs 2)" in texts[2] and "deleted" not in texts[1]
+    assert "[HISTORY] Stored in the history" in texts[0] and "1 run(s)" in texts[0]
+    md = sorted((tmp_path / "results").glob("benchmark_report_*.md"))
+    assert "The history was empty before this run." in md[0].read_text(encoding="utf-8")
+    last = md[2].read_text(encoding="utf-8")
+    assert "The history held 2 run(s) in " in last and "it keeps the newest 2 (--history-keep-runs)" in last
+    size = json.loads(reports[2].read_text(encoding="utf-8"))["history_size"]
+    assert size["history_runs"] == 2 and 0 < size["history_mb"] < 50
+
+
+def test_a_locked_history_is_a_clear_message_and_the_reports_still_come(tmp_path, capsys, one_image_dir, monkeypatch):
+    """Another process holds the history's write lock past the wait: the run writes its reports,
+    says who to wait for, and exits 0; with --fail-on-regression, 5."""
+    db_path = tmp_path / "results" / "history.sqlite"
+    ub.HistoryStore(db_path).close()
+    monkeypatch.setattr(ub, "HISTORY_LOCK_TIMEOUT_SEC", 0.5)
+    holder = sqlite3.connect(db_path)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        args = [*QUICK, "--images", one_image_dir, "--output-dir", tmp_path]
+        code, text = run_main(capsys, *args)
+        assert code == 0, text
+        assert "database is locked" in text and "another process held it" in text and str(db_path) in text
+        code, text = run_main(capsys, *args, "--fail-on-regression")
+        assert code == ub.EXIT_HISTORY_UNUSABLE, text
+    finally:
+        holder.rollback()
+        holder.close()
+    assert len(list((tmp_path / "results").glob("benchmark_results_*.json"))) == 2
+    assert stored_runs(db_path)["runs"] == 0  # nothing half-stored
+
+
+def make_read_only(path: Path) -> None:
+    """A file this process cannot write: chmod for a user, the immutable attribute for root (whom
+    permissions do not stop)."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        return
+    proc = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        skip_unless_ci(f"chattr +i is not allowed here: {proc.stderr.strip()}")
+
+
+def test_a_read_only_history_is_a_clear_message_and_the_reports_still_come(tmp_path, capsys, one_image_dir):
+    db_path = tmp_path / "results" / "history.sqlite"
+    ub.HistoryStore(db_path).close()
+    make_read_only(db_path)
+    try:
+        code, text = run_main(capsys, *QUICK, "--images", one_image_dir, "--output-dir", tmp_path)
+    finally:
+        subprocess.run(["chattr", "-i", str(db_path)], capture_output=True)
+        db_path.chmod(0o644)
+    assert code == 0, text
+    assert "readonly" in text and "cannot be written: make both writable" in text and str(db_path) in text
+    assert len(list((tmp_path / "results").glob("benchmark_results_*.json"))) == 1
+    assert stored_runs(db_path)["runs"] == 0
