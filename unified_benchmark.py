@@ -19,7 +19,7 @@ Sections, in dependency order:
     CUDA and NVML             every torch.cuda and NVML call, and the pure device decisions
     Timing and memory         seeds, clocks, peaks, runtime init, module-call counter, host activity
     Deployment and compute    --dtype/--compile/--fuse/--threads, FLOPs by class, peaks, MFU, energy
-    Statistics                pure functions: latency statistics, noise verdicts
+    Statistics                pure functions: latency statistics, noise verdicts, time left
     Layer dissection          hooks on every leaf, pictures and arrays, per-layer times
     The base class            ModelBenchmark: everything the models share
     The eight models          one subclass each, MODEL_REGISTRY, what each needs (preflight)
@@ -1161,6 +1161,52 @@ def noise_reasons(warm_iqr_rel: float | None, other_cpu_cores: float | None) -> 
     if other_cpu_cores is not None and other_cpu_cores > NOISE_MAX_OTHER_CORES:
         reasons.append(f"other processes used {other_cpu_cores:.2f} cores > {NOISE_MAX_OTHER_CORES} during the runs")
     return reasons
+
+
+ETA_HISTORY_RUNS = 3  # a model's expected wall time: the median of its last 3 runs in this configuration
+
+
+def duration_text(seconds: float | None) -> str:
+    """A duration for the console: <1s, 45s, 3m05s, 2h07m; '?' when unknown."""
+    if seconds is None:
+        return "?"
+    whole = max(0, round(seconds))
+    if whole == 0:
+        return "<1s"
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def model_time_left(elapsed_sec: float, expected_sec: float | None, runs_done: int, runs_total: int,
+                    run_sec_mean: float | None) -> float | None:
+    """A model's time left: its expected wall time (its history) less the time spent, never under
+    what its remaining runs take at the pace measured so far; without history, those runs alone."""
+    pace_left = (runs_total - runs_done) * run_sec_mean if run_sec_mean is not None else None
+    if expected_sec is not None:
+        return max(expected_sec - elapsed_sec, pace_left or 0.0)
+    return pace_left
+
+
+def later_models_sec(expected: list[float | None], finished_walls: list[float]) -> float | None:
+    """The time the models after this one will take: each its history's wall time, else the mean
+    wall time of the models this run has finished; None when a model has neither."""
+    fallback = float(np.mean(finished_walls)) if finished_walls else None
+    total = 0.0
+    for seconds in expected:
+        if (seconds := seconds if seconds is not None else fallback) is None:
+            return None
+        total += seconds
+    return total
+
+
+def time_left_text(model_left_sec: float | None, after_sec: float | None, from_history: bool) -> str:
+    """The console's estimate: the model's time left and the whole run's, and where they come from."""
+    run_left = model_left_sec + after_sec if model_left_sec is not None and after_sec is not None else None
+    source = "from the history" if from_history else "from the runs so far, later phases not counted"
+    return f"left: model ~{duration_text(model_left_sec)}, run ~{duration_text(run_left)} ({source})"
 
 
 # --------------------------------------------------------------------------------------
@@ -3088,6 +3134,7 @@ class WorkerJob:
     random_checkpoint: str | None = None
     options: dict = field(default_factory=dict)  # RunOptions as a dict
     parity_layers: bool = False  # --parity-layers (a variant with dissect compares its layers anyway)
+    eta: dict = field(default_factory=dict)  # expected_sec, after_sec, launched_at (time.time()); {}: no estimate
 
     @property
     def model_class(self) -> type[ModelBenchmark]:
@@ -3147,8 +3194,17 @@ def timed_runs(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress) -
             progress.update(rss_peak_mb=max(filter(None, [progress.rss_peak_mb, record["peak_rss_mb"]]), default=None))
             log(f"[INFER {len(records)}/{total}] {path.name} | Time: {record['inference_sec']:.3f}s | "
                 f"Peak Memory: {record['peak_mb']:.0f} MB | pre {record['preprocess_sec']:.3f}s "
-                f"post {record['postprocess_sec']:.3f}s", "")
+                f"post {record['postprocess_sec']:.3f}s" + runs_time_left(job.eta, records, total), "")
     return records
+
+
+def runs_time_left(eta: dict, records: list[dict], total: int) -> str:
+    """' | left: ...' for an INFER line (nothing when the runner gave no estimate, as on Ray)."""
+    if not eta:
+        return ""
+    run_sec_mean = float(np.mean([r["preprocess_sec"] + r["inference_sec"] + r["postprocess_sec"] for r in records]))
+    left = model_time_left(time.time() - eta["launched_at"], eta["expected_sec"], len(records), total, run_sec_mean)
+    return " | " + time_left_text(left, eta["after_sec"], eta["expected_sec"] is not None)
 
 
 LAYER_BROWSER_HTML = """<!DOCTYPE html>
@@ -3699,9 +3755,10 @@ class RunConfig:
     history: str | None = None       # the history file this run is stored in (None: --no-history)
     history_keep_runs: int | None = None  # --history-keep-runs (None: keep every run)
     journal: RunJournal | None = None
+    expected_wall_sec: dict[str, float] = field(default_factory=dict)  # per model, from the history (time left)
     usable_cpus: int = field(default_factory=lambda: usable_cpus())  # when the run began (a recovery reads the dead run's)
 
-    RECORD_SKIPS = ("work_dir", "journal")  # this process's, never a dead run's
+    RECORD_SKIPS = ("work_dir", "journal", "expected_wall_sec")  # this process's, never a dead run's
 
     def record(self) -> dict:
         """The configuration as JSON values, for the journal (from_record reads it back)."""
@@ -3976,8 +4033,24 @@ def execute_job(job: WorkerJob, isolation: str, work_dir: Path, timeout_sec: flo
     return {**row, "isolation": isolation}
 
 
-def execute_model(cls: type[ModelBenchmark], cfg: RunConfig) -> dict:
-    return execute_job(cfg.job(cls), cfg.isolation, cfg.work_dir, cfg.model_timeout_sec)
+def execute_model(cls: type[ModelBenchmark], cfg: RunConfig, eta: dict | None = None) -> dict:
+    job = cfg.job(cls)
+    job.eta = eta or {}
+    return execute_job(job, cfg.isolation, cfg.work_dir, cfg.model_timeout_sec)
+
+
+def model_eta(cfg: RunConfig, position: int, finished_walls: list[float]) -> dict:
+    """The estimate a model's worker gets (its expected wall time, the later models'), and the
+    [ETA] line that opens the model."""
+    cls = cfg.models[position - 1]
+    expected = cfg.expected_wall_sec.get(cls.__name__)
+    later = [c.__name__ for c in cfg.models[position:] if c.__name__ not in cfg.skips]
+    after = later_models_sec([cfg.expected_wall_sec.get(name) for name in later], finished_walls)
+    run_left = expected + after if expected is not None and after is not None else None
+    log(f"{cls.__name__}: ~{duration_text(expected)} expected " + (
+        f"(median of its last runs in this configuration)" if expected is not None else "(no earlier run in the history)")
+        + f"; the run: ~{duration_text(run_left)} left with {len(later)} model(s) after this one", "ETA")
+    return {"expected_sec": expected, "after_sec": after, "launched_at": time.time()}
 
 
 @dataclass
@@ -4003,7 +4076,7 @@ def run_benchmark(cfg: RunConfig) -> RunOutcome:
 
 def run_models(cfg: RunConfig, results: list[dict]) -> RunOutcome:
     """The loop of run_benchmark: each row appended to results (and the journal) as it comes."""
-    exit_code = EXIT_OK
+    exit_code, finished_walls = EXIT_OK, []
     for position, cls in enumerate(cfg.models, 1):
         banner(f"[{position}/{len(cfg.models)}] {cls.__name__}")
         if cls.__name__ in cfg.skips:
@@ -4012,7 +4085,11 @@ def run_models(cfg: RunConfig, results: list[dict]) -> RunOutcome:
             cfg.note_finished(results[-1])
             continue
         cfg.note_started(cls)
-        row = execute_model(cls, cfg)
+        started = time.perf_counter()
+        row = execute_model(cls, cfg, model_eta(cfg, position, finished_walls))
+        row["model_wall_sec"] = time.perf_counter() - started
+        if row["status"] == "ok":
+            finished_walls.append(row["model_wall_sec"])
         results.append(row)
         cfg.note_finished(row)
         if row["status"] in FAILED_STATUSES:
@@ -4094,6 +4171,12 @@ def row_machine_key(payload: dict, row: dict) -> str:
     """The machine a row ran on: its cluster node's key (--executor ray: numbered when several nodes
     share a host, see node_key), else its node's machine key, else the run's."""
     return row.get("node_key") or (row.get("node") or {}).get("machine_key") or payload["machine_key"]
+
+
+def config_fields(cfg: RunConfig) -> dict:
+    """The run's part of every model's configuration key (model_config reads them from a payload)."""
+    return {"device": str(cfg.device), "weights": cfg.weights, "image_set": image_fingerprints(cfg.images),
+            "num_inference_runs": cfg.runs, "isolation": cfg.isolation, "options": cfg.options.key(cfg.usable_cpus)}
 
 
 def model_config(payload: dict, row: dict) -> dict:
@@ -4421,6 +4504,14 @@ class HistoryStore:
         return {"run_id": run_id, "timestamp": run["timestamp"], "started_at": run["started_at"],
                 "machine_key": run["machine_key"], "environment": json.loads(run["environment"]), "results": results}
 
+    def wall_times(self, config_key: str, class_name: str, machine: str, limit: int) -> list[float]:
+        """The whole-model wall times of this model's latest complete ok runs in this configuration."""
+        found = self.db.execute(
+            "SELECT m.row FROM model_results m JOIN runs r USING (run_id) WHERE m.config_key=? AND m.class_name=? "
+            "AND m.machine_key=? AND m.status='ok' AND r.complete=1 ORDER BY r.started_at DESC LIMIT ?",
+            (config_key, class_name, machine, limit))
+        return [wall for rec in found if (wall := json.loads(rec["row"]).get("model_wall_sec")) is not None]
+
     def trend(self, payload: dict, row: dict) -> list[dict]:
         """This model's earlier runs in this configuration, oldest first, with their warm verdicts (plots)."""
         config_key = short_hash(model_config(payload, row))
@@ -4473,6 +4564,27 @@ def judge_model(row: dict, earlier: list[dict], environment: dict) -> list[dict]
     notes = [f"this run was noisy: {'; '.join(row.get('noise_reasons', []))}"] if row.get("noisy") else []
     return [{"model_name": row_name(row), "class_name": row["class_name"], **v, "env_changes": changes,
              "notes": notes} for v in verdicts]
+
+
+def expected_wall_times(cfg: RunConfig, machine: str) -> dict[str, float]:
+    """Each model's expected wall time in this run (time left): the median of its last
+    ETA_HISTORY_RUNS complete ok runs with this machine and configuration; none there, not in
+    the dict. Read only; a history that cannot be read gives no estimates (judging says why)."""
+    if not cfg.history or not Path(cfg.history).is_file():
+        return {}
+    fields, found = config_fields(cfg), {}
+    try:
+        store = HistoryStore(Path(cfg.history))
+        try:
+            for cls in cfg.models:
+                row = {"class_name": cls.__name__, "input_size": cls.INPUT_SIZE, "device": fields["device"]}
+                if walls := store.wall_times(short_hash(model_config(fields, row)), cls.__name__, machine, ETA_HISTORY_RUNS):
+                    found[cls.__name__] = float(np.median(walls))
+        finally:
+            store.close()
+    except (BenchError, sqlite3.Error, OSError):
+        return {}
+    return found
 
 
 def history_advice(error: str) -> str:
@@ -4541,7 +4653,7 @@ EXTRA_CSV_COLUMNS = [
     "warm_median_event_sec", "compile_calls", "peak_precision", "checkpoint_dtype", "weights_dtype", "nvml",
     "gpu_own_process", "layer_timing", "parity", "parity_thresholds", "parity_rel_l2_max", "parity_max_abs",
     "parity_nonfinite", "parity_agreement", "parity_note", "parity_first_drift", "reference_sec",
-    "parity_recompilations",
+    "parity_recompilations", "model_wall_sec",
 ]
 
 
@@ -4580,20 +4692,15 @@ def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, e
         "machine_key": machine_key(env),
         "timestamp": cfg.timestamp,
         "total_execution_time_sec": total_time_sec,
-        "device": str(cfg.device),
         "random_seed": RANDOM_SEED,
-        "num_inference_runs": cfg.runs,
         "complete": outcome.complete,
         "interrupted_by": outcome.interrupted_by,
-        "weights": cfg.weights,
         "image_source": cfg.image_source,
         "images": [str(p) for p in cfg.images],
-        "image_set": image_fingerprints(cfg.images),
+        **config_fields(cfg),
         "dissect_mode": cfg.dissect_mode if cfg.dissect else None,
-        "isolation": cfg.isolation,
         "model_timeout_sec": cfg.model_timeout_sec,
         "history_keep_runs": cfg.history_keep_runs,
-        "options": cfg.options.key(cfg.usable_cpus),
         "options_as_run": asdict(cfg.options),
         **cfg.executor_info,
         "environment": env,
@@ -4771,11 +4878,12 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
           f"{r['total_params']:,}", r["total_layers_dissected"]] for r in ok])
     md += ["## Phases (s)", "",
            "Each in the model's own worker, in this order; the cold run comes after all of them. Module calls "
-           "before the cold run must be 0: no forward of the model warms it.", ""] + table(
-        ["Model", "Imports", "Runtime init", "Download", "Load", "Module calls before cold run"],
+           "before the cold run must be 0: no forward of the model warms it. The wall time is the whole model, "
+           "as this run's runner saw it: worker start, every phase, dissection and the accuracy check.", ""] + table(
+        ["Model", "Imports", "Runtime init", "Download", "Load", "Module calls before cold run", "Wall, whole model"],
         [[row_name(r), fmt(r["import_sec"], ".2f"), fmt(r["runtime_init_sec"]),
           fmt(r["download_sec"], ".2f") + (" (downloaded)" if r["downloaded"] else ""), fmt(r["load_time_sec"], ".2f"),
-          r["module_calls_before_cold_run"]] for r in ok])
+          r["module_calls_before_cold_run"], fmt(r.get("model_wall_sec"), ".1f")] for r in ok])
     md += ["## Latency Detail", "",
            "Warm percentiles come from warm runs only; n/a where the samples cannot support them "
            f"(p90 needs {PERCENTILE_MIN_SAMPLES[90]}, p99 {PERCENTILE_MIN_SAMPLES[99]} warm runs).", ""] + table(
@@ -6446,6 +6554,8 @@ def run(args: argparse.Namespace) -> int:
             log(f"Run {cfg.timestamp}: {len(classes)} model(s), {len(images)} image(s), {cfg.runs} run(s) per image, "
                 f"{cfg.weights} weights, device {device}, isolation {cfg.isolation}, options {options_text(options)}")
             env = environment(device)
+            if not on_ray:  # on a cluster the models run side by side, and a node's own history is elsewhere
+                cfg.expected_wall_sec = expected_wall_times(cfg, machine_key(env))
             cfg.journal = RunJournal(cfg.results_dir / f"{JOURNAL_PREFIX}{cfg.timestamp}.jsonl",
                                      {"config": cfg.record(), "environment": env, "image_set": image_fingerprints(images)})
             start = time.perf_counter()

@@ -571,3 +571,33 @@ def test_a_read_only_history_is_a_clear_message_and_the_reports_still_come(tmp_p
     assert "readonly" in text and "cannot be written: make both writable" in text and str(db_path) in text
     assert len(list((tmp_path / "results").glob("benchmark_results_*.json"))) == 1
     assert stored_runs(db_path)["runs"] == 0
+
+
+def test_time_left_estimates_from_the_history_or_the_runs_so_far():
+    assert [ub.duration_text(x) for x in (None, 0.2, 44.6, 185, 7620)] == ["?", "<1s", "45s", "3m05s", "2h07m"]
+    # With history: the expected wall time less the time spent, but never under the runs' own pace.
+    assert ub.model_time_left(30.0, 100.0, 2, 10, 1.0) == 70.0
+    assert ub.model_time_left(95.0, 100.0, 2, 10, 1.0) == 8.0
+    assert ub.model_time_left(10.0, None, 4, 10, 2.0) == 12.0   # no history: the remaining runs alone
+    assert ub.later_models_sec([50.0, None], [20.0, 40.0]) == 80.0  # an unknown model: this run's mean so far
+    assert ub.later_models_sec([50.0, None], []) is None
+    assert ub.later_models_sec([], []) == 0.0
+    assert ub.time_left_text(70.0, 80.0, True) == "left: model ~1m10s, run ~2m30s (from the history)"
+    assert "run ~?" in ub.time_left_text(12.0, None, False)
+
+
+def test_a_run_prints_its_time_left_from_the_history_else_from_its_runs(tmp_path, capsys, one_image_dir):
+    """Two real runs in one folder: the first estimates from its own runs, the second from the
+    first's wall time; plain lines, no terminal control codes; the wall time is in the report."""
+    args = [*QUICK, "--images", one_image_dir, "--output-dir", tmp_path]
+    texts = [run_main(capsys, *args)[1] for _ in range(2)]
+    first, second = texts
+    assert "[ETA] YOLO11nDetectBenchmark: ~? expected (no earlier run in the history)" in first
+    assert "| left: model ~" in first and "(from the runs so far, later phases not counted)" in first
+    assert "expected (median of its last runs in this configuration)" in second
+    infer = [line for line in second.splitlines() if line.startswith("[INFER")]
+    assert len(infer) == 2 and all(line.endswith("(from the history)") for line in infer), infer
+    assert not any(c in text for text in texts for c in "\r\x1b")
+    report = sorted((tmp_path / "results").glob("benchmark_results_*.json"))[0]
+    wall = json.loads(report.read_text(encoding="utf-8"))["results"][0]["model_wall_sec"]
+    assert wall > 0 and f"[ETA] YOLO11nDetectBenchmark: ~{ub.duration_text(wall)} expected" in second
