@@ -4118,6 +4118,12 @@ NOISE_BAND_FACTOR = 4.0          # ... or 1 + 4 x the robust CV of the past, whe
 MEMORY_MIN_REL, MEMORY_MIN_MB = 0.05, 64.0   # memory peak: both must be exceeded
 ENV_KEYS_COMPARED = ("torch", "transformers", "ultralytics", "cuda_version", "cudnn_version", "python", "os")
 FLAGGED = ("suspicious", "regression")
+DRIFT_WINDOW_RUNS = 20           # the slow-drift rule: this run and up to 19 before it ...
+DRIFT_MIN_RUNS = 8               # ... at least 8 of them
+DRIFT_EDGE_RUNS = 3              # the cumulative change: the median of the newest 3 over the oldest 3
+DRIFT_ALPHA = 0.05               # one-sided Mann-Kendall (Kendall's tau of the value against run order) ...
+DRIFT_FLOORS = {"warm latency": 0.08, "cold start": 0.25, "memory peak": MEMORY_MIN_REL}  # ... AND a cumulative change
+FAILING = ("regression", "drifting")  # what --fail-on-regression fails on
 HISTORY_LOCK_TIMEOUT_SEC = 30.0  # how long a run waits for another process's write to the history
 
 HISTORY_SCHEMA_V1 = """
@@ -4260,6 +4266,72 @@ def memory_verdict(now_mb: float | None, past_mb: list[float], previous: str | N
 
 def warm_samples(row: dict) -> list[float]:
     return [r["inference_sec"] for r in row.get("runs", []) if r["run"] > 1]
+
+
+def metric_value(row: dict, metric: str) -> float | None:
+    """One run's figure for a metric: its warm median (from its samples), cold start or memory peak."""
+    if metric == "warm latency":
+        warm = warm_samples(row)
+        return float(np.median(warm)) if warm else row.get("warm_median_sec")
+    return row.get("cold_inference_sec" if metric == "cold start" else "mem_peak_mb")
+
+
+def drift_start(values: list[float]) -> int:
+    """Where a rise began: the first run of the best least-squares fit of "flat, then a straight
+    rise" (a step is a steep rise); at least 1, at most len - 3, so both sides have runs."""
+    y, index = np.asarray(values, dtype=float), np.arange(len(values))
+
+    def misfit(start: int) -> float:
+        design = np.column_stack([np.ones(len(y)), np.maximum(0, index - start + 1)])
+        return float(np.sum((design @ np.linalg.lstsq(design, y, rcond=None)[0] - y) ** 2))
+
+    return min(range(1, len(values) - 2), key=misfit)
+
+
+def drift_verdict(values: list[float], metric: str) -> dict | None:
+    """A slow drift in a series of run figures (oldest first, this run last): a one-sided
+    Mann-Kendall test at DRIFT_ALPHA AND a cumulative change (the median of the newest 3 runs
+    over the median of the oldest 3) of at least the metric's floor, and for memory at least
+    MEMORY_MIN_MB too; drift_start says where the rise began. None: no drift, or too few runs."""
+    if len(values) < DRIFT_MIN_RUNS:
+        return None
+    before, now = float(np.median(values[:DRIFT_EDGE_RUNS])), float(np.median(values[-DRIFT_EDGE_RUNS:]))
+    change = now / before - 1 if before else 0.0
+    if change < DRIFT_FLOORS[metric] or (metric == "memory peak" and now - before <= MEMORY_MIN_MB):
+        return None
+    from scipy.stats import kendalltau
+
+    p_value = float(kendalltau(np.arange(len(values)), values, alternative="greater").pvalue)
+    if p_value >= DRIFT_ALPHA:
+        return None
+    start = drift_start(values)
+    return {"verdict": "drifting", "baseline": before, "now": now, "ratio": now / before, "p_value": p_value,
+            "threshold": 1 + DRIFT_FLOORS[metric], "baseline_runs": len(values) - 1, "drift_start": start,
+            "detail": f"{change:+.1%} over the last {len(values) - start} of {len(values)} runs"}
+
+
+def drift_series(row: dict, earlier: list[dict], metric: str) -> list[tuple[str, float]]:
+    """(started_at, figure) of up to DRIFT_WINDOW_RUNS runs, oldest first, this run last. The
+    series begins at the latest run the night-over-night rules judged a change for the metric
+    (a regression they reported is not a drift)."""
+    points = [("this run", metric_value(row, metric))]
+    for run in earlier[:DRIFT_WINDOW_RUNS - 1]:
+        points.append((run.get("started_at", "?"), metric_value(run, metric)))
+        if run["verdicts"].get(metric) in ("regression", "faster", "lower"):
+            break
+    return [(when, value) for when, value in reversed(points) if value is not None]
+
+
+def drift_verdicts(row: dict, earlier: list[dict]) -> list[dict]:
+    """The slow-drift rule over each metric's series: a 'drifting' verdict (metric '<metric> trend')
+    naming the run where the rise began, for each metric that drifts."""
+    found = []
+    for metric in DRIFT_FLOORS:
+        series = drift_series(row, earlier, metric)
+        if drift := drift_verdict([value for _, value in series], metric):
+            drift["detail"] += f", since the run of {series[drift.pop('drift_start')][0]}"
+            found.append({"metric": f"{metric} trend", **drift})
+    return found
 
 
 def environment_changes(now: dict, before: dict | None) -> list[str]:
@@ -4560,6 +4632,7 @@ def judge_model(row: dict, earlier: list[dict], environment: dict) -> list[dict]
                                  "detail": f"{earlier[0].get(key)} -> {row.get(key)}"})
     if earlier and (changed := parity_change(row, earlier[0])):
         verdicts.append(changed)
+    verdicts += drift_verdicts(row, earlier)
     changes = environment_changes(environment, earlier[0]["environment"] if earlier else None)
     notes = [f"this run was noisy: {'; '.join(row.get('noise_reasons', []))}"] if row.get("noisy") else []
     return [{"model_name": row_name(row), "class_name": row["class_name"], **v, "env_changes": changes,
@@ -5262,7 +5335,7 @@ def verdict_figure(verdict: dict, key: str) -> str:
         return "n/a"
     if verdict["metric"] == "accuracy":
         return f"relative error {value:.2e}"
-    return f"{value:.0f} MB" if verdict["metric"] == "memory peak" else f"{value:.4f} s"
+    return f"{value:.0f} MB" if verdict["metric"].startswith("memory peak") else f"{value:.4f} s"
 
 
 def verdict_rows(verdicts: list[dict]) -> list[list[str]]:
@@ -5288,7 +5361,10 @@ def changes_markdown(payload: dict) -> list[str]:
         f"max({WARM_MIN_RATIO}, 1 + 4 x robust CV of their medians); cold start: ratio to the median of the last "
         f"cold starts of at least max({COLD_MIN_RATIO}, 1 + 4 x MAD/median); memory: over {MEMORY_MIN_REL:.0%} "
         f"and {MEMORY_MIN_MB:.0f} MiB above the median. A first occurrence is suspicious, the same in the next "
-        "run a regression.", ""] + table(VERDICT_HEADER, verdict_rows(verdicts)) + history_size_text(payload)
+        f"run a regression. Slow drifts ('<metric> trend'): over this run and up to {DRIFT_WINDOW_RUNS - 1} before "
+        f"it (at least {DRIFT_MIN_RUNS}, from the latest regression on), a one-sided Mann-Kendall test at alpha "
+        f"{DRIFT_ALPHA} AND the newest {DRIFT_EDGE_RUNS} runs' median over the oldest {DRIFT_EDGE_RUNS}' at least "
+        + ", ".join(f"{floor:.0%} ({metric})" for metric, floor in DRIFT_FLOORS.items()) + ".", ""] + table(VERDICT_HEADER, verdict_rows(verdicts)) + history_size_text(payload)
 
 
 def history_size_text(payload: dict) -> list[str]:
@@ -5308,7 +5384,7 @@ def print_changes(payload: dict) -> None:
         return
     banner("CHANGES SINCE EARLIER RUNS")
     for row in verdict_rows(verdicts):
-        level = "WARNING" if any(word in row[6] for word in (*FLAGGED, "parity changed")) else "VERDICT"
+        level = "WARNING" if any(word in row[6] for word in (*FLAGGED, "drifting", "parity changed")) else "VERDICT"
         log(f"{row[0]} {row[1]}: {row[6]} (baseline {row[2]}, now {row[3]}, ratio {row[4]}, p {row[5]}) {row[7]}",
             level)
 
@@ -6329,7 +6405,7 @@ def build_parser() -> ArgumentParser:
                               f"their samples and verdicts (default: keep every run; verdicts compare against up to "
                               f"{BASELINE_MAX_RUNS} earlier runs, and need {BASELINE_MIN_RUNS})")
     history.add_argument("--fail-on-regression", action="store_true",
-                         help=f"exit {EXIT_REGRESSION} when any verdict is 'regression', {EXIT_HISTORY_UNUSABLE} when "
+                         help=f"exit {EXIT_REGRESSION} when any verdict is 'regression' or 'drifting', {EXIT_HISTORY_UNUSABLE} when "
                               f"the history could not be read or written (for cron mail)")
     tools = parser.add_argument_group("tools (run no model)").add_mutually_exclusive_group()
     tools.add_argument("--import-reports", type=Path, metavar="DIR",
@@ -6603,9 +6679,9 @@ def run_exit_code(model_exit_code: int, payload: dict, fail_on_regression: bool)
         log(f"--fail-on-regression, and this run could not be judged: {payload['history_note']}: exit "
             f"{EXIT_HISTORY_UNUSABLE}", "ERROR")
         return EXIT_HISTORY_UNUSABLE
-    regressions = [v for v in payload.get("verdicts") or [] if v["verdict"] == "regression"]
+    regressions = [v for v in payload.get("verdicts") or [] if v["verdict"] in FAILING]
     if regressions:
-        log(f"{len(regressions)} regression(s) and --fail-on-regression: exit {EXIT_REGRESSION}", "ERROR")
+        log(f"{len(regressions)} regression(s) or drift(s) and --fail-on-regression: exit {EXIT_REGRESSION}", "ERROR")
         return EXIT_REGRESSION
     return EXIT_OK
 

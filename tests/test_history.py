@@ -25,12 +25,13 @@ WITHIN, BETWEEN, SPIKE_SHARE, SPIKE = 0.02, 0.03, 0.05, 0.30
 
 
 def simulate(rng, slowdown: float = 1.0, memory_growth: float = 1.0, from_night: int = NIGHTS,
-             nights: int = NIGHTS) -> list[list[list[dict]]]:
+             nights: int = NIGHTS, creep: float = 0.0) -> list[list[list[dict]]]:
     """Verdicts of NIGHTS nightly runs of MODELS models, judged as the program judges them.
 
     Per model a base latency and memory peak; per night a log-normal run-to-run factor (3%);
     per warm run log-normal noise (2%) and, for 5% of the runs, a +30% spike. From from_night
-    on, latency is multiplied by slowdown and memory by memory_growth.
+    on, latency is multiplied by slowdown and memory by memory_growth, and latency grows by creep
+    a night (compounded: night from_night is the first one slower).
     Returns verdicts[model][night] (the list of that night's verdicts), for the first `nights` nights.
     """
     out = []
@@ -41,6 +42,7 @@ def simulate(rng, slowdown: float = 1.0, memory_growth: float = 1.0, from_night:
         series = []
         for night in range(nights):
             factor = rng.lognormal(0, BETWEEN) * (slowdown if night >= from_night else 1.0)
+            factor *= (1 + creep) ** max(0, night - from_night + 1)
             warm = base_sec * factor * rng.lognormal(0, WITHIN, WARM_PER_RUN)
             warm *= np.where(rng.random(WARM_PER_RUN) < SPIKE_SHARE, 1 + SPIKE, 1.0)
             row = {"model_name": f"m{m}", "class_name": f"M{m}", "total_params": 1000, "input_shape": [1, 3, 64, 64],
@@ -79,11 +81,20 @@ def test_verdicts_on_seeded_simulations():
     caught10 = sum(any(flagged(n, "warm latency") for n in two) for two in plus10) / len(plus10)
     mem10 = after_change(memory=1.10)
     caught_mem = sum(flagged(two[0], "memory peak") for two in mem10) / len(mem10)
-    print(f"\nA/A: {len(pairs)} (model, night) pairs, suspicious {aa_suspicious:.2%}, regressions {aa_regressions}")
+    aa_drifting = sum(flagged(n, levels=("drifting",)) for n in pairs) / len(pairs)
+    creeping = [model[start:start + 10] for _ in range(trials)
+                for model in simulate(rng, from_night=start, nights=start + 10, creep=0.015)]
+    caught_creep = sum(any(flagged(n, "warm latency trend", ("drifting",)) for n in ten) for ten in creeping) / len(creeping)
+    nightly_creep = sum(any(flagged(n, "warm latency", ("regression",)) for n in ten) for ten in creeping) / len(creeping)
+    print(f"\nA/A: {len(pairs)} (model, night) pairs, suspicious {aa_suspicious:.2%}, regressions {aa_regressions}, "
+          f"drifting {aa_drifting:.2%}")
+    print(f"+1.5% a night from night {start}: drifting within 10 nights in {caught_creep:.1%} of {len(creeping)} "
+          f"trials (the night-over-night rules: a regression in {nightly_creep:.1%})")
     print(f"+20% warm from night {start}: regression within 2 runs in {caught20:.1%} of {len(plus20)} trials")
     print(f"+10% warm: at least suspicious within 2 runs in {caught10:.1%} of {len(plus10)} trials")
     print(f"+10% memory: flagged on the first night in {caught_mem:.1%} of {len(mem10)} trials")
     assert aa_suspicious <= 0.01 and aa_regressions == 0
+    assert aa_drifting <= 0.01 and caught_creep >= 0.90
     assert caught20 >= 0.90
     assert caught10 >= 0.50
     assert caught_mem == 1.0
@@ -388,6 +399,27 @@ def test_exit_5_is_never_taken_over_a_failed_model_and_needs_the_flag():
     assert ub.run_exit_code(ub.EXIT_OK, judged, True) == ub.EXIT_REGRESSION
     assert ub.run_exit_code(ub.EXIT_MODEL_FAILED, judged, True) == ub.EXIT_MODEL_FAILED  # a failed model's 1 wins over 4
     assert ub.run_exit_code(ub.EXIT_OK, {"verdicts": [{"verdict": "no change"}]}, True) == ub.EXIT_OK
+    assert ub.run_exit_code(ub.EXIT_OK, {"verdicts": [{"verdict": "drifting"}]}, True) == ub.EXIT_REGRESSION
+    assert ub.run_exit_code(ub.EXIT_OK, {"verdicts": [{"verdict": "drifting"}]}, False) == ub.EXIT_OK
+
+
+def test_the_drift_rule_by_hand():
+    flat = [1.0, 1.01, 0.99, 1.0, 1.02, 0.98, 1.0, 1.01, 0.99, 1.0]
+    assert ub.drift_verdict(flat, "warm latency") is None
+    creep = [1.0] * 6 + [1.02 ** k for k in range(1, 7)]  # flat, then +2% a run: +12% in 6 runs
+    found = ub.drift_verdict(creep, "warm latency")
+    assert found["verdict"] == "drifting" and found["drift_start"] == 6 and found["p_value"] < ub.DRIFT_ALPHA
+    assert found["ratio"] == pytest.approx(1.02 ** 5) and "over the last 6 of 12 runs" in found["detail"]
+    assert ub.drift_verdict(creep[:7], "warm latency") is None  # fewer than DRIFT_MIN_RUNS runs
+    assert ub.drift_verdict([1.0] * 6 + [1.01 ** k for k in range(1, 7)], "warm latency") is None  # +5%: under 8%
+    memory = [1000.0] * 6 + [1000 + 15 * k for k in range(1, 7)]  # +8.5%, +85 MB
+    assert ub.drift_verdict(memory, "memory peak")["verdict"] == "drifting"
+    assert ub.drift_verdict([v / 10 for v in memory], "memory peak") is None  # +8.5% but only 8.5 MB
+    # The series starts at the latest run the night-over-night rules called a regression.
+    earlier = [{"started_at": f"night {n}", "warm_median_sec": 2.0 - n / 100,
+                "verdicts": {"warm latency": "regression" if n == 5 else "no change"}} for n in range(12)]
+    series = ub.drift_series({"warm_median_sec": 2.0}, earlier, "warm latency")
+    assert [when for when, _ in series] == ["night 5", "night 4", "night 3", "night 2", "night 1", "night 0", "this run"]
 
 
 def spec_layout_report(folder: Path, stamp: str, scale: float, names=("YOLO11n-Detect", "Depth-Anything-V2-Small")) -> Path:
