@@ -29,6 +29,7 @@ Sections, in dependency order:
     The runner                worker processes, supervised: crashes, timeouts, signals
     History and verdicts      SQLite run history, regression verdicts, comparison
     Reports and plots         JSON, CSV, Markdown, plots
+    Trend site                results/index.html: every run of the history, charts, filters
     Executors                 the suite here (local) or on a Ray cluster
     CLI and main              options, preflight, lock, recovery of dead runs, main()
 """
@@ -4108,6 +4109,7 @@ def run_models(cfg: RunConfig, results: list[dict]) -> RunOutcome:
 # --------------------------------------------------------------------------------------
 
 HISTORY_FILE_NAME = "history.sqlite"
+SITE_FILE_NAME = "index.html"    # the trend site, beside the history's reports (Trend site)
 HISTORY_SCHEMA_VERSION = 1
 BASELINE_MAX_RUNS = 10           # earlier runs a verdict compares against, most recent first
 BASELINE_MIN_RUNS = 3            # fewer: "insufficient data"
@@ -5364,7 +5366,8 @@ def changes_markdown(payload: dict) -> list[str]:
         f"run a regression. Slow drifts ('<metric> trend'): over this run and up to {DRIFT_WINDOW_RUNS - 1} before "
         f"it (at least {DRIFT_MIN_RUNS}, from the latest regression on), a one-sided Mann-Kendall test at alpha "
         f"{DRIFT_ALPHA} AND the newest {DRIFT_EDGE_RUNS} runs' median over the oldest {DRIFT_EDGE_RUNS}' at least "
-        + ", ".join(f"{floor:.0%} ({metric})" for metric, floor in DRIFT_FLOORS.items()) + ".", ""] + table(VERDICT_HEADER, verdict_rows(verdicts)) + history_size_text(payload)
+        + ", ".join(f"{floor:.0%} ({metric})" for metric, floor in DRIFT_FLOORS.items()) + f". Every run at a glance: "
+        f"[the trend site]({SITE_FILE_NAME}).", ""] + table(VERDICT_HEADER, verdict_rows(verdicts)) + history_size_text(payload)
 
 
 def history_size_text(payload: dict) -> list[str]:
@@ -5409,6 +5412,243 @@ def print_summary(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, pa
         log("Visualizations:", "")
         log(f"  - {cfg.viz_dir}/", "")
     log("=" * 80, "")
+
+
+# --------------------------------------------------------------------------------------
+# Trend site: results/index.html, every run of the history at a glance
+# --------------------------------------------------------------------------------------
+
+SITE_METRICS = (  # (key in a point, verdict metric, label, unit); energy and parity only where recorded
+    ("warm", "warm latency", "warm median", "s"), ("cold", "cold start", "cold start", "s"),
+    ("mem", "memory peak", "peak memory", "MB"), ("energy", None, "energy per inference", "J"),
+    ("parity", "accuracy", "parity: worst relative error", ""))
+SITE_CHANGE_RUNS = (7, 30)  # the table's changes: the latest figure against the run 7 and 30 runs before
+
+TREND_SITE_HTML = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>vision-bench: every run</title>
+<style>
+body { font: 13px sans-serif; margin: 1em; } h2 { margin-top: 1.5em; } .hidden { display: none; }
+table { border-collapse: collapse; } td, th { border-bottom: 1px solid #eee; padding: 3px 8px; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.chart-card { display: inline-block; vertical-align: top; margin: .5em 1em .5em 0; }
+.pt { cursor: pointer; } .regression, .drifting { fill: #d62728; } .suspicious { fill: #ff7f0e; }
+.faster, .lower { fill: #2ca02c; } .normal { fill: #1f77b4; } .incomplete { fill: #fff; stroke: #1f77b4; }
+#detail { position: fixed; right: 1em; top: 1em; width: 26em; background: #fff; border: 1px solid #999;
+  padding: .5em; white-space: pre-wrap; }
+</style></head>
+<body>
+<h1>vision-bench: every run of __HISTORY__</h1>
+<p>Written __GENERATED__ from the history alone. Points: one run each; red a regression or a drift, orange
+suspicious, green faster or lower, hollow an incomplete run (never a baseline); the grey band is the no-change
+band of that run's verdict. Hover a point for its figures, click it for the run's versions and links.</p>
+<p>Model: <select id="model-filter"><option value="">all</option></select>
+ Machine: <select id="machine-filter"><option value="">all</option></select>
+ <span id="count"></span></p>
+<table id="latest"><thead><tr><th>Machine</th><th>Configuration</th><th>Model</th><th>Latest warm median</th>
+<th>Change over 7 runs</th><th>Change over 30 runs</th><th>Latest verdict</th><th>Runs</th></tr></thead><tbody></tbody></table>
+<div id="groups"></div>
+<div id="detail" class="hidden"></div>
+<script>
+"use strict";
+const DATA = __DATA__;
+const errors = [];
+window.addEventListener("error", e => { errors.push(String(e.message)); document.body.dataset.jsErrors = errors.join("; "); });
+const NS = "http://www.w3.org/2000/svg";
+const fmt = (v, unit) => v === null || v === undefined ? "n/a" :
+  (unit === "s" ? v.toFixed(4) + " s" : unit === "MB" ? v.toFixed(0) + " MB" : unit === "J" ? v.toFixed(3) + " J" : v.toExponential(2));
+const pct = v => v === null ? "n/a" : (v >= 0 ? "+" : "") + (100 * v).toFixed(1) + "%";
+function svg(tag, attrs, parent) {
+  const el = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  if (parent) parent.appendChild(el);
+  return el;
+}
+function panel(root, model, metric, top) {
+  const [key, verdictMetric, label, unit] = metric, W = 420, H = 110, L = 60;
+  const pts = model.points.map((p, i) => [i, p[key], p]).filter(q => q[1] !== null && q[1] !== undefined);
+  if (!pts.length) return 0;
+  const bands = pts.map(q => (q[2].bands || {})[verdictMetric]).filter(b => b);
+  const all = pts.map(q => q[1]).concat(...bands);
+  let lo = Math.min(...all), hi = Math.max(...all);
+  if (hi === lo) { hi += Math.abs(hi) * 0.05 || 1; lo -= Math.abs(lo) * 0.05 || 1; }
+  const n = Math.max(model.points.length - 1, 1);
+  const x = i => L + (W - L - 10) * i / n, y = v => top + 18 + (H - 30) * (1 - (v - lo) / (hi - lo));
+  svg("text", {x: 4, y: top + 12, "font-size": 11}, root).textContent = label + (unit ? " (" + unit + ")" : "");
+  svg("text", {x: 4, y: top + 30, "font-size": 9}, root).textContent = fmt(hi, unit);
+  svg("text", {x: 4, y: top + H - 12, "font-size": 9}, root).textContent = fmt(lo, unit);
+  for (const [i, , p] of pts) {
+    const band = (p.bands || {})[verdictMetric];
+    if (band) svg("rect", {x: x(i) - (W - L) / n / 2, width: (W - L) / n, y: y(band[1]), height: Math.max(1, y(band[0]) - y(band[1])),
+                           fill: "#ddd", "fill-opacity": 0.6}, root);
+  }
+  svg("polyline", {points: pts.map(q => x(q[0]) + "," + y(q[1])).join(" "), fill: "none", stroke: "#1f77b4"}, root);
+  for (const [i, v, p] of pts) {
+    const verdict = (p.verdicts || {})[verdictMetric] || (p.verdicts || {})[verdictMetric + " trend"] || "";
+    const cls = !p.complete ? "incomplete" : ["regression", "drifting", "suspicious", "faster", "lower"].includes(verdict) ? verdict : "normal";
+    const dot = svg("circle", {cx: x(i), cy: y(v), r: 4, class: "pt " + cls, "data-run": p.run_id, "data-metric": key}, root);
+    svg("title", {}, dot).textContent = p.started_at + "  run " + p.run_id + "\\n" + label + ": " + fmt(v, unit) +
+      (verdict ? "  (" + verdict + ")" : "");
+    dot.addEventListener("click", () => show(model, p));
+  }
+  return pts.length;
+}
+function show(model, p) {
+  const box = document.getElementById("detail");
+  box.classList.remove("hidden");
+  box.textContent = model.model_name + "\\nrun " + p.run_id + "\\n" + p.started_at + (p.complete ? "" : " (incomplete)") +
+    "\\n\\nwarm median " + fmt(p.warm, "s") + ", cold " + fmt(p.cold, "s") + ", peak " + fmt(p.mem, "MB") +
+    "\\nverdicts: " + (Object.entries(p.verdicts || {}).map(e => e.join(": ")).join(", ") || "none") +
+    "\\nversions changed: " + (p.env_changes.join(", ") || "none") + "\\n";
+  for (const [text, href] of [["Markdown report", p.report], ["layer browser", p.browser]]) {
+    if (!href) continue;
+    const a = document.createElement("a"); a.href = href; a.textContent = text; box.appendChild(a); box.append("  ");
+  }
+}
+function build() {
+  const groups = document.getElementById("groups"), tbody = document.querySelector("#latest tbody");
+  const models = new Map(), machines = new Map();
+  for (const g of DATA.groups) {
+    machines.set(g.machine_key, g.machine);
+    const sec = document.createElement("section");
+    sec.className = "group"; sec.dataset.machine = g.machine_key;
+    sec.innerHTML = "<h2></h2><p></p>";
+    sec.querySelector("h2").textContent = g.machine; sec.querySelector("p").textContent = g.config_label;
+    for (const m of g.models) {
+      models.set(m.class_name, m.model_name);
+      const card = document.createElement("div");
+      card.className = "chart-card"; card.dataset.model = m.class_name; card.dataset.machine = g.machine_key;
+      card.innerHTML = "<b></b><br>"; card.querySelector("b").textContent = m.model_name;
+      const root = svg("svg", {class: "chart", width: 430}, card);
+      let top = 0, points = 0;
+      for (const metric of DATA.metrics) {
+        const drawn = panel(root, m, metric, top);
+        if (drawn) { top += 110; points = points || drawn; }
+      }
+      root.setAttribute("height", top); card.dataset.points = String(m.points.length);
+      sec.appendChild(card);
+      const row = tbody.insertRow();
+      row.dataset.model = m.class_name; row.dataset.machine = g.machine_key;
+      const t = m.latest;
+      for (const [text, num] of [[g.machine, false], [g.config_label, false], [m.model_name, false], [fmt(t.warm, "s"), true],
+                                  [pct(t.change_7), true], [pct(t.change_30), true], [t.verdict || "n/a", false], [String(m.points.length), true]]) {
+        const cell = row.insertCell(); cell.textContent = text; if (num) cell.className = "num";
+      }
+    }
+    groups.appendChild(sec);
+  }
+  for (const [id, map] of [["model-filter", models], ["machine-filter", machines]]) {
+    const sel = document.getElementById(id);
+    for (const [value, text] of map) { const o = document.createElement("option"); o.value = value; o.textContent = text; sel.appendChild(o); }
+    sel.addEventListener("change", apply);
+  }
+}
+function apply() {
+  const model = document.getElementById("model-filter").value, machine = document.getElementById("machine-filter").value;
+  const keep = el => (!model || el.dataset.model === model) && (!machine || el.dataset.machine === machine);
+  let charts = 0, points = 0;
+  for (const el of document.querySelectorAll(".chart-card, #latest tbody tr")) el.classList.toggle("hidden", !keep(el));
+  for (const card of document.querySelectorAll(".chart-card:not(.hidden)")) { charts++; points += Number(card.dataset.points); }
+  for (const sec of document.querySelectorAll("section.group"))
+    sec.classList.toggle("hidden", !sec.querySelector(".chart-card:not(.hidden)"));
+  document.body.dataset.charts = String(document.querySelectorAll(".chart-card").length);
+  document.body.dataset.chartsShown = String(charts);
+  document.body.dataset.pointsShown = String(points);
+  document.getElementById("count").textContent = charts + " chart(s), " + points + " run(s) shown";
+}
+build();
+const wanted = new URLSearchParams(location.hash.slice(1));
+if (wanted.has("model")) document.getElementById("model-filter").value = wanted.get("model");
+if (wanted.has("machine")) document.getElementById("machine-filter").value = wanted.get("machine");
+apply();
+</script>
+</body></html>
+"""
+
+
+def site_points(store: HistoryStore, site_dir: Path) -> dict[tuple[str, str, str], list[dict]]:
+    """Every ok result of the history as a chart point, oldest first, keyed (machine, config, class)."""
+    verdicts: dict[tuple[str, str, str], dict] = {}
+    for v in store.db.execute("SELECT run_id, class_name, machine_key, metric, verdict, baseline, threshold FROM verdicts"):
+        verdicts.setdefault((v["run_id"], v["class_name"], v["machine_key"]), {})[v["metric"]] = dict(v)
+    series: dict[tuple[str, str, str], list[dict]] = {}
+    found = store.db.execute(
+        "SELECT m.*, r.started_at, r.timestamp, r.environment, r.complete, r.hostname FROM model_results m "
+        "JOIN runs r USING (run_id) WHERE m.status='ok' ORDER BY r.started_at")
+    for rec in found:
+        row, judged = json.loads(rec["row"]), verdicts.get((rec["run_id"], rec["class_name"], rec["machine_key"]), {})
+        key = (rec["machine_key"], rec["config_key"], rec["class_name"])
+        earlier = series.setdefault(key, [])
+        env = json.loads(rec["environment"])
+        series[key].append({
+            "run_id": rec["run_id"], "started_at": rec["started_at"], "complete": bool(rec["complete"]),
+            "model_name": rec["model_name"], "config": json.loads(rec["config"]), "env": env,
+            "machine": f"{rec['hostname'] or 'unknown host'} ({env.get('gpu_name') or env.get('cpu_model') or 'cpu'})",
+            "warm": rec["warm_median_sec"], "cold": rec["cold_inference_sec"], "mem": rec["mem_peak_mb"],
+            "energy": row.get("energy_j_per_inference"), "parity": row.get("parity_rel_l2_max"),
+            "verdicts": {m: v["verdict"] for m, v in judged.items()},
+            "bands": {m: [v["baseline"] / v["threshold"], v["baseline"] * v["threshold"]] for m, v in judged.items()
+                      if v["baseline"] and v["threshold"]},
+            "env_changes": environment_changes(env, earlier[-1]["env"]) if earlier else [],
+            "report": site_link(site_dir, site_dir / f"benchmark_report_{rec['timestamp']}.md"),
+            "browser": site_link(site_dir, Path(row["viz_dir"]) / "index.html") if row.get("viz_dir") else None})
+    return series
+
+
+def site_link(site_dir: Path, target: Path) -> str | None:
+    """A link from the site to a file, relative, or None when the file is not there."""
+    return Path(os.path.relpath(target, site_dir)).as_posix() if target.is_file() else None
+
+
+def latest_figures(points: list[dict]) -> dict:
+    """The table's row: the latest warm median, its change over 7 and 30 runs, its latest verdict."""
+    warm = [p["warm"] for p in points]
+
+    def change(runs: int) -> float | None:
+        if len(warm) <= runs or not warm[-1 - runs] or warm[-1] is None:
+            return None
+        return warm[-1] / warm[-1 - runs] - 1
+
+    last = points[-1]["verdicts"]
+    verdict = last.get("warm latency trend") or last.get("warm latency")
+    return {"warm": warm[-1], "change_7": change(SITE_CHANGE_RUNS[0]), "change_30": change(SITE_CHANGE_RUNS[1]),
+            "verdict": verdict}
+
+
+def config_label(config: dict) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in (config.get("options") or {}).items()) or "default options"
+    images = config.get("images") or []
+    return (f"{config.get('weights')} weights, {config.get('device_type')}, {config.get('runs_per_image')} runs per "
+            f"image on {len(images)} image(s), isolation {config.get('isolation')}, {options}")
+
+
+def site_data(store: HistoryStore, site_dir: Path) -> dict:
+    """The page's data: one group per (machine, configuration), a model with its points in each."""
+    groups: dict[tuple[str, str], dict] = {}
+    for (machine, config_key, class_name), points in site_points(store, site_dir).items():
+        for p in points:
+            p.pop("env")
+        group = groups.setdefault((machine, config_key), {
+            "machine_key": machine, "machine": points[-1]["machine"], "config_label": config_label(points[-1]["config"]),
+            "models": []})
+        group["models"].append({"class_name": class_name, "model_name": points[-1]["model_name"],
+                                "points": [{k: v for k, v in p.items() if k not in ("config", "machine", "model_name")}
+                                           for p in points], "latest": latest_figures(points)})
+    return {"groups": list(groups.values()), "metrics": [list(m) for m in SITE_METRICS]}
+
+
+def write_trend_site(history: Path, site_dir: Path) -> Path:
+    """results/index.html from the history alone: static, one file, no network (JSON inside)."""
+    store = HistoryStore(history)
+    try:
+        data = site_data(store, site_dir)
+    finally:
+        store.close()
+    page = (TREND_SITE_HTML.replace("__HISTORY__", html.escape(str(history)))
+            .replace("__GENERATED__", datetime.now().isoformat(timespec="seconds"))
+            .replace("__DATA__", json.dumps(json_safe(data)).replace("</", "<\\/")))
+    path = site_dir / SITE_FILE_NAME
+    atomic_write_text(path, page)
+    return path
 
 
 # --------------------------------------------------------------------------------------
@@ -6414,6 +6654,9 @@ def build_parser() -> ArgumentParser:
                        help="compare two runs (report JSON files or run ids in the history), per model")
     tools.add_argument("--merge", nargs="+", metavar="FILE",
                        help="merge report JSON files from several machines into one report")
+    tools.add_argument("--history-site", action="store_true",
+                       help=f"write results/{SITE_FILE_NAME}, the trend site of every run in the history, from the "
+                            f"history alone (every run also writes it)")
     tools.add_argument("--recover", action="store_true",
                        help="write the reports of runs in the output folder that died before writing them (from "
                             "their progress journals; every run also does this first), then exit")
@@ -6667,7 +6910,19 @@ def report_run(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, env: 
     if cfg.executor_info.get("fleet", "spread") != "spread":
         paths += merged_fleet_report(payload, cfg)
     store_in_history(payload, source, cfg.history_keep_runs)
+    if payload["verdicts"] is not None and not payload.get("history_note"):
+        paths += refresh_trend_site(Path(cfg.history), cfg.results_dir)
     return payload, paths
+
+
+def refresh_trend_site(history: Path, site_dir: Path) -> list[Path]:
+    """The trend site after a run has been stored; a failure is a warning (the reports are written)."""
+    try:
+        return [write_trend_site(history, site_dir)]
+    except (BenchError, sqlite3.Error, OSError, ValueError) as e:
+        log(f"The trend site {site_dir / SITE_FILE_NAME} could not be written ({type(e).__name__}: {e}); "
+            f"python unified_benchmark.py --history-site writes it from the history", "WARNING")
+        return []
 
 
 def run_exit_code(model_exit_code: int, payload: dict, fail_on_regression: bool) -> int:
@@ -6830,6 +7085,14 @@ def run_tool(args: argparse.Namespace) -> int:
     output_dir = args.output_dir.resolve()
     if args.recover:
         return recover_tool(output_dir)
+    if args.history_site:
+        path = history_path(args, output_dir)
+        if path is None or not path.is_file():
+            raise UsageError(f"--history-site: no history at {path or 'all (--no-history)'}: run a benchmark first, "
+                             f"or pass --history PATH")
+        (output_dir / "results").mkdir(parents=True, exist_ok=True)
+        log(f"Trend site written to {write_trend_site(path, output_dir / 'results')}")
+        return EXIT_OK
     if args.import_reports:
         path = history_path(args, output_dir)
         if path is None:
@@ -6905,7 +7168,7 @@ def main(argv: list[str] | None = None) -> int:
             log(str(e), "ERROR")
             return e.exit_code
         try:
-            if args.import_reports or args.compare or args.merge or args.recover:
+            if args.import_reports or args.compare or args.merge or args.recover or args.history_site:
                 return run_tool(args)
             return run(args)
         except BenchError as e:

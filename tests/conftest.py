@@ -146,3 +146,26 @@ def skip_unless_ci(reason: str) -> None:
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(os.environ["VISION_BENCH_CACHE"], ignore_errors=True)
+
+
+BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+BROWSER = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+
+
+def need_a_browser() -> None:
+    if BROWSER is None:
+        skip_unless_ci("no Chromium here: apt-get install chromium-headless-shell (.ci/run installs it)")
+
+
+def chromium(*args: str) -> str:
+    """A real headless Chromium: the page's DOM after its scripts ran (--dump-dom), or a screenshot."""
+    proc = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                           *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def body_data(dom: str) -> dict[str, str]:
+    """The data-* attributes a page's script wrote on its <body>."""
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body))

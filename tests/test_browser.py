@@ -3,32 +3,15 @@
 import json
 import re
 import shutil
-import subprocess
 
 import pytest
 from PIL import Image
-from conftest import BUS, load_report, skip_unless_ci, ub
-
-BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
-BROWSER = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+from conftest import BUS, body_data, chromium, load_report, need_a_browser, ub
 
 
 @pytest.fixture(autouse=True)
 def a_browser():
-    if BROWSER is None:
-        skip_unless_ci("no Chromium here: apt-get install chromium-headless-shell (.ci/run installs it)")
-
-
-def chromium(*args: str) -> str:
-    proc = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
-                           *args], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
-
-
-def body_data(dom: str) -> dict[str, str]:
-    body = re.search(r"<body([^>]*)>", dom).group(1)
-    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body))
+    need_a_browser()
 
 
 @pytest.fixture(scope="module")

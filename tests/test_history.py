@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import BUS, run_main, skip_unless_ci, start_hog, ub
+from conftest import BUS, REPO, body_data, chromium, need_a_browser, run_main, skip_unless_ci, start_hog, ub
 
 DATA = Path(__file__).resolve().parent / "data"
 OLD_REPORT = DATA / "benchmark_results_20261128_201900.json"  # written by the program before this history
@@ -226,6 +227,50 @@ def test_plots_exist_are_valid_pngs_and_are_linked(nightly):
         with Image.open(md.parent / rel) as img:
             img.verify()
             assert img.format == "PNG"
+
+
+def site_dom(page: Path, hash_: str = "") -> tuple[str, dict[str, str]]:
+    dom = chromium("--dump-dom", page.as_uri() + hash_)
+    data = body_data(dom)
+    assert "js-errors" not in data, data
+    return dom, data
+
+
+@pytest.mark.slow
+def test_the_trend_site_of_real_runs_and_an_imported_report(nightly, tmp_path, capsys):
+    """results/index.html after six real runs: one chart, six points a panel, the regression marked,
+    the reports linked; then the history plus the report in tests/data, written by --history-site
+    alone: a chart per model and machine, and each filter changes what is shown."""
+    need_a_browser()
+    out, _, _, payloads, reports = nightly
+    page = out / "results" / "index.html"
+    dom, data = site_dom(page)
+    assert data["charts"] == data["charts-shown"] == "1" and data["points-shown"] == "6"
+    assert len(re.findall(r'<circle [^>]*data-metric="warm"', dom)) == 6
+    assert len(re.findall(r'class="pt regression"[^>]*data-metric="warm"', dom)) >= 1  # the last busy run
+    assert "YOLO11n-Detect" in dom and '"report": "benchmark_report_' in page.read_text(encoding="utf-8")
+    history = tmp_path / "history.sqlite"
+    shutil.copy(out / "results" / "history.sqlite", history)
+    code, text = run_main(capsys, "--import-reports", REPO / "tests" / "data", "--history", history)
+    assert code == 0, text
+    code, text = run_main(capsys, "--history-site", "--history", history, "--output-dir", tmp_path)
+    assert code == 0 and "Trend site written to" in text, text
+    page = tmp_path / "results" / "index.html"
+    dom, data = site_dom(page)
+    assert data["charts"] == data["charts-shown"] == "3" and data["points-shown"] == "8"
+    cards = re.findall(r'<div class="chart-card[^"]*" data-model="(\w+)" data-machine="(\w+)"', dom)
+    here = payloads[0]["machine_key"]
+    assert sorted(cards) == sorted([("YOLO11nDetectBenchmark", here)] + [(c, m) for c, m in cards if m != here])
+    (imported,) = {m for _, m in cards if m != here}  # the RTX 3060 box of the imported report
+    _, data = site_dom(page, f"#machine={imported}")
+    assert data["charts-shown"] == "2" and data["points-shown"] == "2", data
+    _, data = site_dom(page, "#model=YOLO11nDetectBenchmark")
+    assert data["charts-shown"] == "2" and data["points-shown"] == "7", data
+
+
+def test_the_trend_site_needs_a_history(tmp_path, capsys):
+    code, text = run_main(capsys, "--history-site", "--output-dir", tmp_path)
+    assert code == ub.EXIT_USAGE and "--history-site: no history at" in text and "run a benchmark first" in text
 
 
 def test_every_node_rows_of_one_model_get_a_trend_plot_each(nightly, tmp_path):
