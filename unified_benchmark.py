@@ -4049,7 +4049,7 @@ def model_eta(cfg: RunConfig, position: int, finished_walls: list[float]) -> dic
     after = later_models_sec([cfg.expected_wall_sec.get(name) for name in later], finished_walls)
     run_left = expected + after if expected is not None and after is not None else None
     log(f"{cls.__name__}: ~{duration_text(expected)} expected " + (
-        f"(median of its last runs in this configuration)" if expected is not None else "(no earlier run in the history)")
+        "(median of its last runs in this configuration)" if expected is not None else "(no earlier run in the history)")
         + f"; the run: ~{duration_text(run_left)} left with {len(later)} model(s) after this one", "ETA")
     return {"expected_sec": expected, "after_sec": after, "launched_at": time.time()}
 
