@@ -1203,10 +1203,16 @@ def later_models_sec(expected: list[float | None], finished_walls: list[float]) 
     return total
 
 
-def time_left_text(model_left_sec: float | None, after_sec: float | None, from_history: bool) -> str:
+def eta_source(model_from_history: bool, later_from_history: bool) -> str:
+    """Where the console's estimate comes from: the history, this run's figures, or both."""
+    if model_from_history:
+        return "from the history" if later_from_history else "from the history and the models run so far"
+    return "from the runs so far, later phases not counted"
+
+
+def time_left_text(model_left_sec: float | None, after_sec: float | None, source: str) -> str:
     """The console's estimate: the model's time left and the whole run's, and where they come from."""
     run_left = model_left_sec + after_sec if model_left_sec is not None and after_sec is not None else None
-    source = "from the history" if from_history else "from the runs so far, later phases not counted"
     return f"left: model ~{duration_text(model_left_sec)}, run ~{duration_text(run_left)} ({source})"
 
 
@@ -3203,9 +3209,10 @@ def runs_time_left(eta: dict, records: list[dict], total: int) -> str:
     """' | left: ...' for an INFER line (nothing when the runner gave no estimate, as on Ray)."""
     if not eta:
         return ""
-    run_sec_mean = float(np.mean([r["preprocess_sec"] + r["inference_sec"] + r["postprocess_sec"] for r in records]))
+    warm = [r for r in records if r["run"] > 1] or records  # the cold run's pace is not the pace of the rest
+    run_sec_mean = float(np.mean([r["preprocess_sec"] + r["inference_sec"] + r["postprocess_sec"] for r in warm]))
     left = model_time_left(time.time() - eta["launched_at"], eta["expected_sec"], len(records), total, run_sec_mean)
-    return " | " + time_left_text(left, eta["after_sec"], eta["expected_sec"] is not None)
+    return " | " + time_left_text(left, eta["after_sec"], eta["source"])
 
 
 LAYER_BROWSER_HTML = """<!DOCTYPE html>
@@ -3755,6 +3762,7 @@ class RunConfig:
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     history: str | None = None       # the history file this run is stored in (None: --no-history)
     history_keep_runs: int | None = None  # --history-keep-runs (None: keep every run)
+    keep_viz: int | None = None  # --keep-viz (None: keep every run's pictures)
     journal: RunJournal | None = None
     expected_wall_sec: dict[str, float] = field(default_factory=dict)  # per model, from the history (time left)
     usable_cpus: int = field(default_factory=lambda: usable_cpus())  # when the run began (a recovery reads the dead run's)
@@ -4048,10 +4056,12 @@ def model_eta(cfg: RunConfig, position: int, finished_walls: list[float]) -> dic
     later = [c.__name__ for c in cfg.models[position:] if c.__name__ not in cfg.skips]
     after = later_models_sec([cfg.expected_wall_sec.get(name) for name in later], finished_walls)
     run_left = expected + after if expected is not None and after is not None else None
-    log(f"{cls.__name__}: ~{duration_text(expected)} expected " + (
-        "(median of its last runs in this configuration)" if expected is not None else "(no earlier run in the history)")
-        + f"; the run: ~{duration_text(run_left)} left with {len(later)} model(s) after this one", "ETA")
-    return {"expected_sec": expected, "after_sec": after, "launched_at": time.time()}
+    why = ("median of its last runs in this configuration" if expected is not None else
+           "no earlier complete run of this configuration in the history" if cfg.history else "no history")
+    log(f"{cls.__name__}: ~{duration_text(expected)} expected ({why}); the run: ~{duration_text(run_left)} left with "
+        f"{len(later)} model(s) after this one", "ETA")
+    source = eta_source(expected is not None, all(cfg.expected_wall_sec.get(name) is not None for name in later))
+    return {"expected_sec": expected, "after_sec": after, "launched_at": time.time(), "source": source}
 
 
 @dataclass
@@ -4314,21 +4324,26 @@ def drift_verdict(values: list[float], metric: str) -> dict | None:
 
 def drift_series(row: dict, earlier: list[dict], metric: str) -> list[tuple[str, float]]:
     """(started_at, figure) of up to DRIFT_WINDOW_RUNS runs, oldest first, this run last. The
-    series begins at the latest run the night-over-night rules judged a change for the metric
-    (a regression they reported is not a drift)."""
+    series begins at the latest run judged a change for the metric: by the night-over-night rules
+    (a regression they reported is not a drift) or by this rule (a drift is reported once, and
+    again only when the figures go on rising from where it was reported)."""
     points = [("this run", metric_value(row, metric))]
     for run in earlier[:DRIFT_WINDOW_RUNS - 1]:
         points.append((run.get("started_at", "?"), metric_value(run, metric)))
-        if run["verdicts"].get(metric) in ("regression", "faster", "lower"):
+        if (run["verdicts"].get(metric) in ("regression", "faster", "lower")
+                or run["verdicts"].get(f"{metric} trend") == "drifting"):
             break
     return [(when, value) for when, value in reversed(points) if value is not None]
 
 
-def drift_verdicts(row: dict, earlier: list[dict]) -> list[dict]:
+def drift_verdicts(row: dict, earlier: list[dict], now: dict[str, str]) -> list[dict]:
     """The slow-drift rule over each metric's series: a 'drifting' verdict (metric '<metric> trend')
-    naming the run where the rise began, for each metric that drifts."""
+    naming the run where the rise began, for each metric that drifts and that this run's
+    night-over-night verdicts (now: metric -> verdict) do not already call a regression."""
     found = []
     for metric in DRIFT_FLOORS:
+        if now.get(metric) == "regression":
+            continue
         series = drift_series(row, earlier, metric)
         if drift := drift_verdict([value for _, value in series], metric):
             drift["detail"] += f", since the run of {series[drift.pop('drift_start')][0]}"
@@ -4578,13 +4593,18 @@ class HistoryStore:
         return {"run_id": run_id, "timestamp": run["timestamp"], "started_at": run["started_at"],
                 "machine_key": run["machine_key"], "environment": json.loads(run["environment"]), "results": results}
 
-    def wall_times(self, config_key: str, class_name: str, machine: str, limit: int) -> list[float]:
-        """The whole-model wall times of this model's latest complete ok runs in this configuration."""
+    def wall_times(self, config_key: str, class_name: str, machine: str, dissect_mode: str | None,
+                   limit: int) -> list[float]:
+        """The whole-model wall times of this model's latest complete ok runs in this configuration
+        that dissected as this run will (a dissection is part of the wall time, not of the key)."""
         found = self.db.execute(
             "SELECT m.row FROM model_results m JOIN runs r USING (run_id) WHERE m.config_key=? AND m.class_name=? "
-            "AND m.machine_key=? AND m.status='ok' AND r.complete=1 ORDER BY r.started_at DESC LIMIT ?",
-            (config_key, class_name, machine, limit))
-        return [wall for rec in found if (wall := json.loads(rec["row"]).get("model_wall_sec")) is not None]
+            "AND m.machine_key=? AND m.status='ok' AND r.complete=1 ORDER BY r.started_at DESC",
+            (config_key, class_name, machine))
+        rows = (json.loads(rec["row"]) for rec in found)
+        walls = [row["model_wall_sec"] for row in rows
+                 if row.get("model_wall_sec") is not None and row.get("dissect_mode") == dissect_mode]
+        return walls[:limit]
 
     def trend(self, payload: dict, row: dict) -> list[dict]:
         """This model's earlier runs in this configuration, oldest first, with their warm verdicts (plots)."""
@@ -4634,7 +4654,7 @@ def judge_model(row: dict, earlier: list[dict], environment: dict) -> list[dict]
                                  "detail": f"{earlier[0].get(key)} -> {row.get(key)}"})
     if earlier and (changed := parity_change(row, earlier[0])):
         verdicts.append(changed)
-    verdicts += drift_verdicts(row, earlier)
+    verdicts += drift_verdicts(row, earlier, {v["metric"]: v["verdict"] for v in verdicts})
     changes = environment_changes(environment, earlier[0]["environment"] if earlier else None)
     notes = [f"this run was noisy: {'; '.join(row.get('noise_reasons', []))}"] if row.get("noisy") else []
     return [{"model_name": row_name(row), "class_name": row["class_name"], **v, "env_changes": changes,
@@ -4653,7 +4673,8 @@ def expected_wall_times(cfg: RunConfig, machine: str) -> dict[str, float]:
         try:
             for cls in cfg.models:
                 row = {"class_name": cls.__name__, "input_size": cls.INPUT_SIZE, "device": fields["device"]}
-                if walls := store.wall_times(short_hash(model_config(fields, row)), cls.__name__, machine, ETA_HISTORY_RUNS):
+                if walls := store.wall_times(short_hash(model_config(fields, row)), cls.__name__, machine,
+                                             cfg.dissect_mode if cfg.dissect else None, ETA_HISTORY_RUNS):
                     found[cls.__name__] = float(np.median(walls))
         finally:
             store.close()
@@ -5373,7 +5394,7 @@ def changes_markdown(payload: dict) -> list[str]:
 def history_size_text(payload: dict) -> list[str]:
     """The history's size before this run, and what --history-keep-runs keeps."""
     size = payload.get("history_size")
-    if not size:
+    if not size or not size.get("history_runs"):
         return ["", "The history was empty before this run."]
     keep = payload.get("history_keep_runs")
     return ["", f"The history held {size['history_runs']} run(s) in {size['history_mb']:.2f} MB before this run; "
@@ -5483,7 +5504,7 @@ function panel(root, model, metric, top) {
   }
   svg("polyline", {points: pts.map(q => x(q[0]) + "," + y(q[1])).join(" "), fill: "none", stroke: "#1f77b4"}, root);
   for (const [i, v, p] of pts) {
-    const verdict = (p.verdicts || {})[verdictMetric] || (p.verdicts || {})[verdictMetric + " trend"] || "";
+    const verdict = (p.marks || {})[verdictMetric] || "";
     const cls = !p.complete ? "incomplete" : ["regression", "drifting", "suspicious", "faster", "lower"].includes(verdict) ? verdict : "normal";
     const dot = svg("circle", {cx: x(i), cy: y(v), r: 4, class: "pt " + cls, "data-run": p.run_id, "data-metric": key}, root);
     svg("title", {}, dot).textContent = p.started_at + "  run " + p.run_id + "\\n" + label + ": " + fmt(v, unit) +
@@ -5496,7 +5517,7 @@ function show(model, p) {
   const box = document.getElementById("detail");
   box.classList.remove("hidden");
   box.textContent = model.model_name + "\\nrun " + p.run_id + "\\n" + p.started_at + (p.complete ? "" : " (incomplete)") +
-    "\\n\\nwarm median " + fmt(p.warm, "s") + ", cold " + fmt(p.cold, "s") + ", peak " + fmt(p.mem, "MB") +
+    "\\n\\n" + DATA.metrics.filter(m => p[m[0]] !== null && p[m[0]] !== undefined).map(m => m[2] + " " + fmt(p[m[0]], m[3])).join(", ") +
     "\\nverdicts: " + (Object.entries(p.verdicts || {}).map(e => e.join(": ")).join(", ") || "none") +
     "\\nversions changed: " + (p.env_changes.join(", ") || "none") + "\\n";
   for (const [text, href] of [["Markdown report", p.report], ["layer browser", p.browser]]) {
@@ -5519,11 +5540,8 @@ function build() {
       card.className = "chart-card"; card.dataset.model = m.class_name; card.dataset.machine = g.machine_key;
       card.innerHTML = "<b></b><br>"; card.querySelector("b").textContent = m.model_name;
       const root = svg("svg", {class: "chart", width: 430}, card);
-      let top = 0, points = 0;
-      for (const metric of DATA.metrics) {
-        const drawn = panel(root, m, metric, top);
-        if (drawn) { top += 110; points = points || drawn; }
-      }
+      let top = 0;
+      for (const metric of DATA.metrics) if (panel(root, m, metric, top)) top += 110;
       root.setAttribute("height", top); card.dataset.points = String(m.points.length);
       sec.appendChild(card);
       const row = tbody.insertRow();
@@ -5578,20 +5596,39 @@ def site_points(store: HistoryStore, site_dir: Path) -> dict[tuple[str, str, str
         row, judged = json.loads(rec["row"]), verdicts.get((rec["run_id"], rec["class_name"], rec["machine_key"]), {})
         key = (rec["machine_key"], rec["config_key"], rec["class_name"])
         earlier = series.setdefault(key, [])
-        env = json.loads(rec["environment"])
+        node = row.get("node") or {}  # a Ray row ran on its node, not on the machine that started the run
+        env, host = node.get("environment") or json.loads(rec["environment"]), node.get("hostname") or rec["hostname"]
         series[key].append({
             "run_id": rec["run_id"], "started_at": rec["started_at"], "complete": bool(rec["complete"]),
             "model_name": rec["model_name"], "config": json.loads(rec["config"]), "env": env,
-            "machine": f"{rec['hostname'] or 'unknown host'} ({env.get('gpu_name') or env.get('cpu_model') or 'cpu'})",
+            "machine": f"{host or 'unknown host'} ({env.get('gpu_name') or env.get('cpu_model') or 'cpu'})",
             "warm": rec["warm_median_sec"], "cold": rec["cold_inference_sec"], "mem": rec["mem_peak_mb"],
             "energy": row.get("energy_j_per_inference"), "parity": row.get("parity_rel_l2_max"),
             "verdicts": {m: v["verdict"] for m, v in judged.items()},
-            "bands": {m: [v["baseline"] / v["threshold"], v["baseline"] * v["threshold"]] for m, v in judged.items()
+            "marks": {m: shown_verdict(judged, m) for _, m, _, _ in SITE_METRICS if m},
+            "bands": {m: no_change_band(m, v["baseline"], v["threshold"]) for m, v in judged.items()
                       if v["baseline"] and v["threshold"]},
             "env_changes": environment_changes(env, earlier[-1]["env"]) if earlier else [],
             "report": site_link(site_dir, site_dir / f"benchmark_report_{rec['timestamp']}.md"),
             "browser": site_link(site_dir, Path(row["viz_dir"]) / "index.html") if row.get("viz_dir") else None})
     return series
+
+
+def no_change_band(metric: str, baseline: float, threshold: float) -> list[float]:
+    """The figures a verdict calls 'no change': within the ratio threshold either way, and for
+    memory within max(5%, 64 MiB) of the baseline (memory_verdict's two floors)."""
+    if metric == "memory peak":
+        width_mb = max(MEMORY_MIN_REL * baseline, MEMORY_MIN_MB)
+        return [baseline - width_mb, baseline + width_mb]
+    return [baseline / threshold, baseline * threshold]
+
+
+def shown_verdict(judged: dict, metric: str) -> str | None:
+    """The one verdict a point shows for a metric: a night-over-night flag, else a drift (stored
+    beside the night-over-night verdict, which is always there), else that verdict."""
+    now = (judged.get(metric) or {}).get("verdict")
+    drift = (judged.get(f"{metric} trend") or {}).get("verdict")
+    return now if now in FLAGGED or drift != "drifting" else drift
 
 
 def site_link(site_dir: Path, target: Path) -> str | None:
@@ -5608,10 +5645,8 @@ def latest_figures(points: list[dict]) -> dict:
             return None
         return warm[-1] / warm[-1 - runs] - 1
 
-    last = points[-1]["verdicts"]
-    verdict = last.get("warm latency trend") or last.get("warm latency")
     return {"warm": warm[-1], "change_7": change(SITE_CHANGE_RUNS[0]), "change_30": change(SITE_CHANGE_RUNS[1]),
-            "verdict": verdict}
+            "verdict": points[-1]["marks"].get("warm latency")}
 
 
 def config_label(config: dict) -> str:
@@ -5643,9 +5678,10 @@ def write_trend_site(history: Path, site_dir: Path) -> Path:
         data = site_data(store, site_dir)
     finally:
         store.close()
-    page = (TREND_SITE_HTML.replace("__HISTORY__", html.escape(str(history)))
-            .replace("__GENERATED__", datetime.now().isoformat(timespec="seconds"))
-            .replace("__DATA__", json.dumps(json_safe(data)).replace("</", "<\\/")))
+    fields = {"__HISTORY__": html.escape(str(history)), "__GENERATED__": datetime.now().isoformat(timespec="seconds"),
+              "__DATA__": json.dumps(json_safe(data)).replace("<", "\\u003c")}  # no "</script>" from the data
+    # one pass: a placeholder's text inside the data (a path, a model name) is never replaced again
+    page = re.sub("|".join(fields), lambda m: fields[m.group(0)], TREND_SITE_HTML)
     path = site_dir / SITE_FILE_NAME
     atomic_write_text(path, page)
     return path
@@ -6643,7 +6679,9 @@ def build_parser() -> ArgumentParser:
     history.add_argument("--history-keep-runs", type=positive_int, metavar="N",
                          help=f"after storing this run, delete the history's runs older than the newest N, with "
                               f"their samples and verdicts (default: keep every run; verdicts compare against up to "
-                              f"{BASELINE_MAX_RUNS} earlier runs, and need {BASELINE_MIN_RUNS})")
+                              f"{BASELINE_MAX_RUNS} earlier runs and need {BASELINE_MIN_RUNS}; the drift rule reads up "
+                              f"to {DRIFT_WINDOW_RUNS} and needs {DRIFT_MIN_RUNS}; the trend site's table compares "
+                              f"with the run {SITE_CHANGE_RUNS[1]} runs before)")
     history.add_argument("--fail-on-regression", action="store_true",
                          help=f"exit {EXIT_REGRESSION} when any verdict is 'regression' or 'drifting', {EXIT_HISTORY_UNUSABLE} when "
                               f"the history could not be read or written (for cron mail)")
@@ -6869,6 +6907,7 @@ def run(args: argparse.Namespace) -> int:
                             parity_layers=args.parity_layers,
                             started_at=datetime.now().isoformat(timespec="microseconds"), options=options,
                             history=str(history) if history else None, history_keep_runs=args.history_keep_runs,
+                            keep_viz=args.keep_viz,
                             executor_info={"executor": "ray", "fleet": args.fleet} if on_ray else {"executor": "local"})
             log(f"Run {cfg.timestamp}: {len(classes)} model(s), {len(images)} image(s), {cfg.runs} run(s) per image, "
                 f"{cfg.weights} weights, device {device}, isolation {cfg.isolation}, options {options_text(options)}")
@@ -6889,8 +6928,6 @@ def run(args: argparse.Namespace) -> int:
         cfg.journal.ended(outcome.complete, outcome.exit_code, outcome.interrupted_by)
         payload, paths = report_run(outcome, cfg, total_time_sec, env)
         cfg.journal.discard()
-        if args.keep_viz and outcome.complete and outcome.exit_code == EXIT_OK:
-            prune_viz(output_dir / "viz", args.keep_viz)
         print_changes(payload)
         print_summary(outcome, cfg, total_time_sec, paths)
         return run_exit_code(outcome.exit_code, payload, args.fail_on_regression)
@@ -6910,6 +6947,8 @@ def report_run(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, env: 
     if cfg.executor_info.get("fleet", "spread") != "spread":
         paths += merged_fleet_report(payload, cfg)
     store_in_history(payload, source, cfg.history_keep_runs)
+    if cfg.keep_viz and outcome.complete and outcome.exit_code == EXIT_OK:  # before the site links to them
+        prune_viz(cfg.output_dir / "viz", cfg.keep_viz)
     if payload["verdicts"] is not None and not payload.get("history_note"):
         paths += refresh_trend_site(Path(cfg.history), cfg.results_dir)
     return payload, paths
@@ -6919,7 +6958,7 @@ def refresh_trend_site(history: Path, site_dir: Path) -> list[Path]:
     """The trend site after a run has been stored; a failure is a warning (the reports are written)."""
     try:
         return [write_trend_site(history, site_dir)]
-    except (BenchError, sqlite3.Error, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - the run is stored and its reports written: never lose them to the site
         log(f"The trend site {site_dir / SITE_FILE_NAME} could not be written ({type(e).__name__}: {e}); "
             f"python unified_benchmark.py --history-site writes it from the history", "WARNING")
         return []
@@ -7016,8 +7055,13 @@ def prune_viz(viz_root: Path, keep: int) -> list[Path]:
 
 
 def history_path(args: argparse.Namespace, output_dir: Path) -> Path | None:
+    """The history this run uses (None: --no-history); warns when --history-keep-runs keeps too
+    few runs for the drift rule."""
     if args.no_history:
         return None
+    if args.history_keep_runs and args.history_keep_runs < DRIFT_MIN_RUNS:
+        log(f"--history-keep-runs {args.history_keep_runs} keeps fewer runs than the slow-drift rule needs "
+            f"({DRIFT_MIN_RUNS}, of up to {DRIFT_WINDOW_RUNS}): no run will be judged 'drifting'", "WARNING")
     return (args.history or output_dir / "results" / HISTORY_FILE_NAME).resolve()
 
 

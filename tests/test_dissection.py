@@ -1,6 +1,7 @@
 """Layer dissection: every call of every leaf, numbering, pictures, both modes, hook safety."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -298,11 +299,19 @@ def test_keep_viz_removes_the_oldest_runs_only_after_a_success(tmp_path, one_ima
                        "--models-dir", bad, "--images", one_image_dir, "--output-dir", tmp_path)
     assert code == 1  # a failed run deletes nothing
     assert {"20200101_000000", "20200102_000000", "not-a-run"} <= {p.name for p in viz.iterdir()}
-    code, text = run_main(capsys, *YOLO, "--keep-viz", "2", "--images", one_image_dir, "--output-dir", tmp_path)
+    with_history = [a for a in YOLO if a != "--no-history"] + ["--images", one_image_dir, "--output-dir", tmp_path]
+    code, text = run_main(capsys, *with_history, "--keep-viz", "2")
     assert code == 0, text
     left = sorted(p.name for p in viz.iterdir())
     assert "20200101_000000" not in left and "20200102_000000" in left and "not-a-run" in left
     assert len([n for n in left if n[:8].isdigit()]) == 2
+    # The next run removes the first one's pictures before the trend site links to them.
+    code, text = run_main(capsys, *with_history, "--keep-viz", "1")
+    assert code == 0, text
+    page = (tmp_path / "results" / "index.html").read_text(encoding="utf-8")
+    data = json.loads(re.search(r"const DATA = (.*);\n", page).group(1))
+    (model,) = data["groups"][0]["models"]
+    assert [p["browser"] is not None for p in model["points"]] == [False, True]
 
 
 def test_tensor_statistics_match_torch_exact_ones():

@@ -87,15 +87,17 @@ def test_verdicts_on_seeded_simulations():
                 for model in simulate(rng, from_night=start, nights=start + 10, creep=0.015)]
     caught_creep = sum(any(flagged(n, "warm latency trend", ("drifting",)) for n in ten) for ten in creeping) / len(creeping)
     nightly_creep = sum(any(flagged(n, "warm latency", ("regression",)) for n in ten) for ten in creeping) / len(creeping)
+    # caught: a verdict --fail-on-regression fails on (a night called a regression gets no drift verdict)
+    failing_creep = sum(any(flagged(n, None, ub.FAILING) for n in ten) for ten in creeping) / len(creeping)
     print(f"\nA/A: {len(pairs)} (model, night) pairs, suspicious {aa_suspicious:.2%}, regressions {aa_regressions}, "
           f"drifting {aa_drifting:.2%}")
-    print(f"+1.5% a night from night {start}: drifting within 10 nights in {caught_creep:.1%} of {len(creeping)} "
-          f"trials (the night-over-night rules: a regression in {nightly_creep:.1%})")
+    print(f"+1.5% a night from night {start}: caught (drifting or regression) within 10 nights in {failing_creep:.1%} "
+          f"of {len(creeping)} trials; drifting in {caught_creep:.1%}, a regression in {nightly_creep:.1%}")
     print(f"+20% warm from night {start}: regression within 2 runs in {caught20:.1%} of {len(plus20)} trials")
     print(f"+10% warm: at least suspicious within 2 runs in {caught10:.1%} of {len(plus10)} trials")
     print(f"+10% memory: flagged on the first night in {caught_mem:.1%} of {len(mem10)} trials")
     assert aa_suspicious <= 0.01 and aa_regressions == 0
-    assert aa_drifting <= 0.01 and caught_creep >= 0.90
+    assert aa_drifting <= 0.01 and failing_creep >= 0.90 and caught_creep >= 0.75
     assert caught20 >= 0.90
     assert caught10 >= 0.50
     assert caught_mem == 1.0
@@ -251,7 +253,19 @@ def test_the_trend_site_of_real_runs_and_an_imported_report(nightly, tmp_path, c
     assert "YOLO11n-Detect" in dom and '"report": "benchmark_report_' in page.read_text(encoding="utf-8")
     history = tmp_path / "history.sqlite"
     shutil.copy(out / "results" / "history.sqlite", history)
-    code, text = run_main(capsys, "--import-reports", REPO / "tests" / "data", "--history", history)
+    with sqlite3.connect(history) as db:  # a run not flagged drifted (six runs are too few for the rule to say so)
+        (drifted,) = db.execute("SELECT run_id FROM verdicts WHERE metric='warm latency' AND verdict NOT IN "
+                                "('suspicious', 'regression') ORDER BY run_id DESC LIMIT 1").fetchone()
+        db.execute("INSERT INTO verdicts (run_id, class_name, machine_key, metric, verdict) VALUES (?, ?, ?, ?, ?)",
+                   (drifted, "YOLO11nDetectBenchmark", payloads[0]["machine_key"], "warm latency trend", "drifting"))
+    # tests/data's report names no host (the importing one is taken): make it another machine's,
+    # whatever CPU this machine has
+    (report,) = (REPO / "tests" / "data").glob("benchmark_results_*.json")
+    imported_report = json.loads(report.read_text(encoding="utf-8"))
+    imported_report["environment"]["hostname"] = "another-box"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / report.name).write_text(json.dumps(imported_report), encoding="utf-8")
+    code, text = run_main(capsys, "--import-reports", tmp_path / "data", "--history", history)
     assert code == 0, text
     code, text = run_main(capsys, "--history-site", "--history", history, "--output-dir", tmp_path)
     assert code == 0 and "Trend site written to" in text, text
@@ -260,8 +274,11 @@ def test_the_trend_site_of_real_runs_and_an_imported_report(nightly, tmp_path, c
     assert data["charts"] == data["charts-shown"] == "3" and data["points-shown"] == "8"
     cards = re.findall(r'<div class="chart-card[^"]*" data-model="(\w+)" data-machine="(\w+)"', dom)
     here = payloads[0]["machine_key"]
-    assert sorted(cards) == sorted([("YOLO11nDetectBenchmark", here)] + [(c, m) for c, m in cards if m != here])
-    (imported,) = {m for _, m in cards if m != here}  # the RTX 3060 box of the imported report
+    assert [c for c, m in cards if m == here] == ["YOLO11nDetectBenchmark"], (cards, here)
+    (imported,) = {m for _, m in cards if m != here}  # another-box, of the imported report
+    assert sorted(c for c, m in cards if m == imported) == ["YOLO11nDetectBenchmark", "YOLO11nPoseBenchmark"]
+    marked = re.findall(r'class="pt (\w+)" data-run="([\w-]+)" data-metric="warm"', dom)
+    assert len(marked) == 8 and [run for cls, run in marked if cls == "drifting"] == [drifted], marked
     _, data = site_dom(page, f"#machine={imported}")
     assert data["charts-shown"] == "2" and data["points-shown"] == "2", data
     _, data = site_dom(page, "#model=YOLO11nDetectBenchmark")
@@ -455,16 +472,29 @@ def test_the_drift_rule_by_hand():
     found = ub.drift_verdict(creep, "warm latency")
     assert found["verdict"] == "drifting" and found["drift_start"] == 6 and found["p_value"] < ub.DRIFT_ALPHA
     assert found["ratio"] == pytest.approx(1.02 ** 5) and "over the last 6 of 12 runs" in found["detail"]
-    assert ub.drift_verdict(creep[:7], "warm latency") is None  # fewer than DRIFT_MIN_RUNS runs
+    steady = [1.0 + 0.05 * k for k in range(ub.DRIFT_MIN_RUNS)]  # +5% a run: a drift once there are enough runs
+    assert ub.drift_verdict(steady, "warm latency")["verdict"] == "drifting"
+    assert ub.drift_verdict(steady[:-1], "warm latency") is None  # the same rise, one run short of DRIFT_MIN_RUNS
+    swings = [1.0, 1.25, 0.95, 1.3, 0.9, 1.25, 0.95, 1.1, 1.1, 1.1]  # +10% newest over oldest, but no trend
+    assert ub.drift_verdict(swings, "warm latency") is None
     assert ub.drift_verdict([1.0] * 6 + [1.01 ** k for k in range(1, 7)], "warm latency") is None  # +5%: under 8%
-    memory = [1000.0] * 6 + [1000 + 15 * k for k in range(1, 7)]  # +8.5%, +85 MB
+    memory = [1000.0] * 6 + [1000 + 15 * k for k in range(1, 7)]  # newest 3 over oldest 3: +7.5%, +75 MB
     assert ub.drift_verdict(memory, "memory peak")["verdict"] == "drifting"
-    assert ub.drift_verdict([v / 10 for v in memory], "memory peak") is None  # +8.5% but only 8.5 MB
+    assert ub.drift_verdict([v / 10 for v in memory], "memory peak") is None  # +7.5% but only 7.5 MB
     # The series starts at the latest run the night-over-night rules called a regression.
     earlier = [{"started_at": f"night {n}", "warm_median_sec": 2.0 - n / 100,
                 "verdicts": {"warm latency": "regression" if n == 5 else "no change"}} for n in range(12)]
     series = ub.drift_series({"warm_median_sec": 2.0}, earlier, "warm latency")
     assert [when for when, _ in series] == ["night 5", "night 4", "night 3", "night 2", "night 1", "night 0", "this run"]
+    # ... or at the latest run this rule judged drifting: a drift is reported once.
+    earlier[2]["verdicts"]["warm latency trend"] = "drifting"
+    series = ub.drift_series({"warm_median_sec": 2.0}, earlier, "warm latency")
+    assert [when for when, _ in series] == ["night 2", "night 1", "night 0", "this run"]
+    # A metric the night-over-night rules call a regression in this run gets no drift verdict.
+    rising = [{"started_at": f"night {n}", "warm_median_sec": 1.0 + 0.05 * (12 - n), "verdicts": {}} for n in range(1, 12)]
+    row = {"warm_median_sec": 1.65, "mem_peak_mb": 100.0, "cold_inference_sec": 1.0}
+    assert [v["metric"] for v in ub.drift_verdicts(row, rising, {"warm latency": "no change"})] == ["warm latency trend"]
+    assert ub.drift_verdicts(row, rising, {"warm latency": "regression"}) == []
 
 
 def spec_layout_report(folder: Path, stamp: str, scale: float, names=("YOLO11n-Detect", "Depth-Anything-V2-Small")) -> Path:
@@ -659,8 +689,10 @@ def test_time_left_estimates_from_the_history_or_the_runs_so_far():
     assert ub.later_models_sec([50.0, None], [20.0, 40.0]) == 80.0  # an unknown model: this run's mean so far
     assert ub.later_models_sec([50.0, None], []) is None
     assert ub.later_models_sec([], []) == 0.0
-    assert ub.time_left_text(70.0, 80.0, True) == "left: model ~1m10s, run ~2m30s (from the history)"
-    assert "run ~?" in ub.time_left_text(12.0, None, False)
+    assert ub.time_left_text(70.0, 80.0, ub.eta_source(True, True)) == "left: model ~1m10s, run ~2m30s (from the history)"
+    assert "run ~?" in ub.time_left_text(12.0, None, ub.eta_source(False, False))
+    assert ub.eta_source(True, False) == "from the history and the models run so far"
+    assert ub.eta_source(False, True) == "from the runs so far, later phases not counted"
 
 
 def test_a_run_prints_its_time_left_from_the_history_else_from_its_runs(tmp_path, capsys, one_image_dir):
@@ -669,7 +701,7 @@ def test_a_run_prints_its_time_left_from_the_history_else_from_its_runs(tmp_path
     args = [*QUICK, "--images", one_image_dir, "--output-dir", tmp_path]
     texts = [run_main(capsys, *args)[1] for _ in range(2)]
     first, second = texts
-    assert "[ETA] YOLO11nDetectBenchmark: ~? expected (no earlier run in the history)" in first
+    assert "[ETA] YOLO11nDetectBenchmark: ~? expected (no earlier complete run of this configuration in the history)" in first
     assert "| left: model ~" in first and "(from the runs so far, later phases not counted)" in first
     assert "expected (median of its last runs in this configuration)" in second
     infer = [line for line in second.splitlines() if line.startswith("[INFER")]
@@ -678,3 +710,42 @@ def test_a_run_prints_its_time_left_from_the_history_else_from_its_runs(tmp_path
     report = sorted((tmp_path / "results").glob("benchmark_results_*.json"))[0]
     wall = json.loads(report.read_text(encoding="utf-8"))["results"][0]["model_wall_sec"]
     assert wall > 0 and f"[ETA] YOLO11nDetectBenchmark: ~{ub.duration_text(wall)} expected" in second
+    # A dissected run takes longer than those two: it is not estimated from them.
+    dissected = [a for a in args if a != "--no-dissect"]
+    code, third = run_main(capsys, *dissected)
+    assert code == 0 and "~? expected (no earlier complete run of this configuration in the history)" in third, third
+
+
+def test_what_the_trend_site_shows_for_a_verdict():
+    # Memory's no-change band has the 64 MiB floor as well as the 5%; latency's is the ratio either way.
+    assert ub.no_change_band("memory peak", 1000.0, 1.05) == [936.0, 1064.0]
+    assert ub.no_change_band("memory peak", 2000.0, 1.05) == [1900.0, 2100.0]
+    assert ub.no_change_band("warm latency", 1.0, 1.25) == [0.8, 1.25]
+    # A drift is shown unless the night-over-night rules flagged the run; their verdict is always there.
+    judged = {"warm latency": {"verdict": "no change"}, "warm latency trend": {"verdict": "drifting"}}
+    assert ub.shown_verdict(judged, "warm latency") == "drifting"
+    assert ub.shown_verdict({**judged, "warm latency": {"verdict": "suspicious"}}, "warm latency") == "suspicious"
+    assert ub.shown_verdict(judged, "cold start") is None
+    assert ub.history_size_text({"history_size": {"history_runs": 0, "history_mb": 0.02}})[1] == \
+        "The history was empty before this run."
+
+
+@pytest.mark.slow
+def test_a_cluster_row_is_shown_under_the_node_it_ran_on(nightly, tmp_path):
+    """A Ray row stored with its node's facts: the site names that node's host and GPU, not the
+    machine that started the run."""
+    _, _, _, payloads, _ = nightly
+    payload = json.loads(json.dumps(payloads[-1], default=str))
+    env = {**payload["environment"], "hostname": "gpu-node-7", "gpu_name": "NVIDIA H200"}
+    node = {"hostname": "gpu-node-7", "gpu_name": "NVIDIA H200", "cpu_model": env.get("cpu_model"),
+            "machine_key": ub.machine_key(env), "environment": env}
+    payload["results"] = [{**r, "node": node} for r in payload["results"] if r["status"] == "ok"]
+    payload["run_id"], payload["started_at"] = "cluster-run", "2030-01-01T00:00:00"
+    store = ub.HistoryStore(tmp_path / "history.sqlite")
+    try:
+        store.add_run(payload, "run")
+    finally:
+        store.close()
+    page = ub.write_trend_site(tmp_path / "history.sqlite", tmp_path).read_text(encoding="utf-8")
+    data = json.loads(re.search(r"const DATA = (.*);\n", page).group(1))
+    assert [(g["machine_key"], g["machine"]) for g in data["groups"]] == [(node["machine_key"], "gpu-node-7 (NVIDIA H200)")]
