@@ -23,6 +23,7 @@ Sections, in dependency order:
     Layer dissection          hooks on every leaf, pictures and arrays, per-layer times
     The base class            ModelBenchmark: everything the models share
     The eight models          one subclass each, MODEL_REGISTRY, what each needs (preflight)
+    Runtimes                  --backend: the forward exported to ONNX (cached), ONNX Runtime, OpenVINO
     Accuracy cost             every variant against the fp32 eager reference, the first layer that drifts
     One model's benchmark     the phases of one model, run inside its worker
     Progress journal          each finished row fsync'd at once; a dead run's rows read back
@@ -834,18 +835,21 @@ ENERGY_SETTLE_SEC = 2.0          # ... the idle window comes first, this long af
 
 @dataclass
 class RunOptions:
-    """How the models are deployed (--dtype, --channels-last, --compile, --fuse, --threads)."""
+    """How the models are deployed (--dtype, --channels-last, --compile, --fuse, --threads, --backend)."""
 
     dtype: str = "fp32"
     channels_last: bool = False
     compile: str | None = None   # a torch.compile mode, or None for eager
     fuse: bool = False
     threads: int | None = None   # CPU intra-op threads; None: the CPUs this process may use
+    backend: str = "torch"       # --backend: torch, or a runtime that runs the exported forward (Runtimes)
 
     def check(self, device: torch.device, error: type[Exception]) -> None:
         if self.dtype == "fp16" and device.type != "cuda":
             raise error(f"--dtype fp16 autocasts on CUDA only, and the device is {device}: use --dtype bf16 "
                         f"on the CPU, or --device cuda")
+        if problem := backend_problem(self.backend, device.type, self):
+            raise error(problem)
 
     def key(self, cpus: int) -> dict:
         """The options that differ from the defaults: part of the history's configuration key, so
@@ -1829,12 +1833,14 @@ class ModelBenchmark(ABC):
     # (_load_checkpoint), so the benchmarked process runs no forward before its cold run.
     RANDOM_BUILD_RUNS_FORWARD = False
     PARITY_TASK = ""  # what task_result() returns: detect, segment, pose, depth or mask (task_parity)
+    DYNAMIC_INPUT_HW = False  # True where the input's height and width follow the image (an export's dynamic axes)
 
     def __init__(self, device: torch.device, weights: str = "pretrained", models_dir: Path | None = None,
                  random_checkpoint: Path | None = None, options: RunOptions | None = None):
         self.device = device
         self.options = options or RunOptions()
         self._compiled: Callable[[Any], Any] | None = None
+        self.runtime: RuntimeForward | None = None  # --backend other than torch: what run_forward runs
         self.weights = weights
         self.models_dir = Path(models_dir) if models_dir else SCRIPT_DIR / "models"
         self.random_checkpoint = random_checkpoint
@@ -1921,9 +1927,25 @@ class ModelBenchmark(ABC):
         inputs = self.preprocess(image)
         return to_channels_last(inputs) if self.options.channels_last else inputs
 
+    def feed(self, image: Image.Image) -> Any:
+        """prepare(), then the arrays the runtime reads when one runs the forward (run_forward's input)."""
+        inputs = self.prepare(image)
+        return self.runtime.feed(inputs) if self.runtime else inputs
+
+    def model_outputs(self, outputs: Any) -> Any:
+        """run_forward's result as postprocess() reads it: a runtime's arrays as tensors, float32."""
+        return self.runtime.unpack(outputs) if self.runtime else to_float32(outputs)
+
+    def fed_shape(self, inputs: Any) -> list[int]:
+        """The first input's shape, from feed()'s result."""
+        return list(next(iter(inputs.values())).shape) if self.runtime else list(first_tensor(inputs)[0].shape)
+
     def run_forward(self, inputs: Any, eager: bool = False) -> Any:
-        """The forward as deployed: autocast to --dtype, the compiled forward after compile()
-        (eager=True: the plain module, for hooks: dissection and FLOP counting)."""
+        """The forward as deployed: the runtime's on feed()'s arrays with --backend, else autocast
+        to --dtype and the compiled forward after compile() (eager=True: the plain module on
+        prepare()'s inputs, for hooks: dissection and FLOP counting)."""
+        if self.runtime and not eager:
+            return self.runtime.run(inputs)
         with autocast_context(self.device, self.options.dtype):
             return (self._compiled if self._compiled and not eager else self.forward)(inputs)
 
@@ -1969,7 +1991,7 @@ class ModelBenchmark(ABC):
         span = CudaSpan() if self.device.type == "cuda" else None
         with PeakMemory(self.device) as peak:
             t0 = clock(self.device)
-            inputs = self.prepare(image)
+            inputs = self.feed(image)
             t1 = clock(self.device)
             with torch.inference_mode():
                 if span:
@@ -1978,9 +2000,9 @@ class ModelBenchmark(ABC):
                 if span:
                     span.end()
                 t2 = clock(self.device)
-                self.postprocess(to_float32(outputs), image)
+                self.postprocess(self.model_outputs(outputs), image)
             t3 = clock(self.device)
-            shape = list(first_tensor(inputs)[0].shape)  # outside the timed spans
+            shape = self.fed_shape(inputs)  # outside the timed spans
             del inputs, outputs
         self.input_shape = self.input_shape or shape  # the first image's, for the report
         return {
@@ -2027,6 +2049,7 @@ class ModelBenchmark(ABC):
         """Free the model and processor (and compiled graphs), empty the CUDA cache, give heap pages back."""
         self.model = None
         self.processor = None
+        self.runtime = None
         if self._compiled is not None:
             import torch._dynamo
 
@@ -2278,6 +2301,7 @@ class DepthAnythingV2Benchmark(HFDepthBenchmark):
     MODEL_CLASS = "DepthAnythingForDepthEstimation"
     INPUT_SIZE = 518
     TOKEN_GRID_STRIDES = (14,)  # DINOv2 patch size
+    DYNAMIC_INPUT_HW = True  # the aspect ratio is kept: each image its own height and width
     PREPROCESS_NOTE = ("DPTImageProcessor: resize keeping aspect ratio so the short side is 518 and both sides "
                        "are multiples of 14 (bicubic), scale to [0,1], ImageNet mean/std")
     VARIANT = ""
@@ -2668,6 +2692,291 @@ def check_requirements(benches: list[ModelBenchmark]) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------------------
+# Runtimes: the forward exported to ONNX (cached), run by ONNX Runtime or OpenVINO
+# --------------------------------------------------------------------------------------
+
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+BACKEND_PACKAGES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}  # pip names
+# torch.onnx.export's two exporters, in the order tried, each with its pinned opset: the TorchScript
+# one (dynamo=False) first, it needs nothing more; the dynamo one (onnxscript, opset 18 at least)
+# where it cannot export a model (MobileSAM's LayerNorm2d reads its shape as a tensor).
+ONNX_EXPORTERS = {"torchscript": 17, "dynamo": 18}
+ONNX_OPSET = ONNX_EXPORTERS["torchscript"]  # LayerNormalization is an operator from 17 on
+EXPORTS_DIR_NAME = "exports"   # under the models folder: one folder per export key
+EXPORT_FILE_NAME = "model.onnx"
+EXPORT_META_NAME = "export.json"
+
+
+def backend_problem(backend: str, device_type: str, options: "RunOptions") -> str | None:
+    """Why a backend cannot run with these options on this device (a usage error), or None."""
+    if backend == "torch":
+        return None
+    if backend == "tensorrt":
+        return ("--backend tensorrt needs a CUDA device (TensorRT runs on NVIDIA GPUs only)" if device_type != "cuda"
+                else "--backend tensorrt is not built in this version: use --backend torch on CUDA")
+    if device_type != "cpu":
+        return (f"--backend {backend} runs on the CPU in this version (its CUDA execution is not built): "
+                f"add --device cpu")
+    torch_only = [flag for flag, on in (("--compile", options.compile), ("--channels-last", options.channels_last),
+                                        (f"--dtype {options.dtype}", options.dtype != "fp32")) if on]
+    if torch_only:
+        return (f"{', '.join(torch_only)} {'is a PyTorch option' if len(torch_only) == 1 else 'are PyTorch options'}, "
+                f"and --backend {backend} runs the model exported in float32: leave them out")
+    return None
+
+
+def missing_backend_packages(backend: str) -> list[str]:
+    """The pip packages a backend needs that this Python cannot import (a preflight problem)."""
+    return [name for name in BACKEND_PACKAGES.get(backend, ()) if not module_available(name)]
+
+
+def output_skeleton(value: Any, leaves: list[torch.Tensor]) -> Any:
+    """A model's outputs as JSON, each tensor replaced by its place in leaves (the exported
+    graph's outputs, in order); rebuild_outputs() puts a runtime's tensors back in its place."""
+    if isinstance(value, torch.Tensor):
+        leaves.append(value)
+        return {"tensor": len(leaves) - 1}
+    if isinstance(value, dict):  # transformers' ModelOutput is a dict: rebuilt as its own class
+        kind = "dict" if type(value) is dict else f"{type(value).__module__}:{type(value).__qualname__}"
+        return {"map": kind, "items": [[k, output_skeleton(v, leaves)] for k, v in value.items()]}
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return {"seq": type(value).__name__, "items": [output_skeleton(v, leaves) for v in value]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise BenchError(f"an output of type {type(value).__name__} cannot be exported to ONNX")
+
+
+def rebuild_outputs(skeleton: Any, leaves: list[torch.Tensor]) -> Any:
+    """output_skeleton's structure with the runtime's tensors in it (what postprocess() reads)."""
+    if "tensor" in skeleton:
+        return leaves[skeleton["tensor"]]
+    if "value" in skeleton:
+        return skeleton["value"]
+    if "seq" in skeleton:
+        items = [rebuild_outputs(item, leaves) for item in skeleton["items"]]
+        return items if skeleton["seq"] == "list" else tuple(items)
+    fields = {k: rebuild_outputs(v, leaves) for k, v in skeleton["items"]}
+    if skeleton["map"] == "dict":
+        return fields
+    module, name = skeleton["map"].split(":")
+    return functools.reduce(getattr, name.split("."), importlib.import_module(module))(**fields)
+
+
+def input_leaves(inputs: Any) -> tuple[list[str], list[torch.Tensor]]:
+    """A model's inputs (a tensor, or a dict of tensors) as the exported graph's named inputs."""
+    if isinstance(inputs, torch.Tensor):
+        return ["images"], [inputs]
+    if isinstance(inputs, dict) and all(isinstance(v, torch.Tensor) for v in inputs.values()):
+        return list(inputs), list(inputs.values())
+    raise BenchError(f"inputs of type {type(inputs).__name__} cannot be exported to ONNX")
+
+
+class FlatForward(torch.nn.Module):
+    """The benchmark's forward() with flat tensors in and out, for the exporter; outputs() is the
+    structure of its outputs (the skeleton) from one eager call."""
+
+    def __init__(self, bench: "ModelBenchmark", names: list[str], as_dict: bool):
+        super().__init__()
+        self.model = bench.model  # registered here, so its weights are the graph's initializers
+        self.bench, self.names, self.as_dict = bench, names, as_dict
+
+    def structured(self, tensors: tuple[torch.Tensor, ...]) -> Any:
+        return self.bench.forward(dict(zip(self.names, tensors)) if self.as_dict else tensors[0])
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        leaves: list[torch.Tensor] = []
+        output_skeleton(self.structured(tensors), leaves)
+        return tuple(leaves)
+
+    def skeleton(self, tensors: tuple[torch.Tensor, ...]) -> Any:
+        with torch.no_grad():  # eager: the dynamo exporter runs forward() on fake tensors, side effects lost
+            return output_skeleton(self.structured(tensors), [])
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (name, dtype, shape, bytes): the export cache's
+    'same weights', whatever file or hub folder they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def export_key(bench: "ModelBenchmark", names: list[str], tensors: list[torch.Tensor]) -> dict:
+    """Everything an export depends on: model, weights, torch and the exporter, opset, options, inputs."""
+    return {"model": type(bench).__name__, "weights_sha256": weights_digest(bench.model), "torch": torch.__version__,
+            "exporters": ONNX_EXPORTERS, "fuse": bench.options.fuse,
+            "reduced": bench.reduced, "dynamic_hw": bench.DYNAMIC_INPUT_HW,
+            "inputs": [[n, str(t.dtype), list(t.shape)] for n, t in zip(names, tensors)]}
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_export(folder: Path, key: dict) -> tuple[dict | None, str | None]:
+    """The export in folder when its record matches key and every file it lists is there with
+    its size and SHA-256; else (None, why it is not used) - a truncated or corrupt file included."""
+    record_path = folder / EXPORT_META_NAME
+    if not record_path.is_file():
+        return None, None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("key") != key:
+            return None, "the cached export's record does not match this model"
+        for name, (size, sha) in record["files"].items():
+            path = folder / name
+            if not path.is_file() or path.stat().st_size != size or file_digest(path) != sha:
+                return None, f"the cached {name} is truncated or corrupt (size or SHA-256 differs)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"the cached export's record is unreadable ({type(e).__name__}: {e})"
+    return record, None
+
+
+def export_onnx(bench: "ModelBenchmark", image: Image.Image, exports_dir: Path) -> dict:
+    """The forward as the PyTorch row runs it (after --fuse), exported to ONNX with a pinned opset
+    and checked with onnx.checker; cached under exports_dir by export_key, a cached file that is
+    truncated or corrupt exported again. External data files past 2 GB (the exporter's choice)."""
+    import onnx
+
+    inputs = bench.prepare(image)
+    names, tensors = input_leaves(inputs)
+    key = export_key(bench, names, tensors)
+    folder = exports_dir / f"{type(bench).__name__}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
+    record, why_not = cached_export(folder, key)
+    if record is not None:
+        return {**record, "path": str(folder / EXPORT_FILE_NAME), "cached": True, "note": None}
+    work = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        work.mkdir(parents=True)
+    except OSError as e:
+        raise OutputError(f"cannot write the ONNX export under {exports_dir} ({e.strerror or e}): make it a writable "
+                          f"folder, or pass --models-dir") from None
+    try:
+        graph = FlatForward(bench, names, isinstance(inputs, dict)).eval()
+        exporter, fallback = write_onnx(graph, tuple(tensors), work, bench.DYNAMIC_INPUT_HW)
+        onnx.checker.check_model(str(work / EXPORT_FILE_NAME))  # by path: models with external data too
+        files = {p.name: [p.stat().st_size, file_digest(p)] for p in sorted(work.iterdir())}
+        record = {"key": key, "skeleton": graph.skeleton(tuple(tensors)), "input_names": names, "files": files,
+                  "exporter": exporter, "opset": ONNX_EXPORTERS[exporter], "exporter_fallback": fallback,
+                  "onnx": onnx.__version__, "mb": sum(size for size, _ in files.values()) / 1024**2}
+        atomic_write_text(work / EXPORT_META_NAME, json.dumps(record, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(work, folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {**record, "path": str(folder / EXPORT_FILE_NAME), "cached": False, "note": why_not and why_not + ": exported again"}
+
+
+def write_onnx(graph: FlatForward, tensors: tuple[torch.Tensor, ...], folder: Path, dynamic_hw: bool) -> tuple[str, str | None]:
+    """folder/model.onnx by the first exporter of ONNX_EXPORTERS that can export the graph: (the
+    exporter, why the one before it could not, or None). Neither: the TorchScript one's error."""
+    names = graph.names
+    dynamic = {names[0]: {2: "height", 3: "width"}} if dynamic_hw else None
+    path = str(folder / EXPORT_FILE_NAME)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings: what they say is checked by the parity check
+        try:
+            torch.onnx.export(graph, tensors, path, dynamo=False, opset_version=ONNX_EXPORTERS["torchscript"],
+                              input_names=names, dynamic_axes=dynamic, do_constant_folding=True)
+            return "torchscript", None
+        except Exception as e:  # noqa: BLE001 - any exporter failure: the other exporter may manage
+            failed = f"the TorchScript exporter failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+            if not module_available("onnxscript"):
+                raise BenchError(f"{failed}, and the dynamo exporter needs onnxscript: pip install onnxscript") from None
+        for leftover in folder.iterdir():
+            leftover.unlink()
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines are not this program's console
+            torch.onnx.export(graph, tensors, path, dynamo=True, opset_version=ONNX_EXPORTERS["dynamo"],
+                              input_names=names, dynamic_axes=dynamic)
+        return "dynamo", failed + ": the dynamo exporter was used"
+
+
+class RuntimeForward:
+    """A runtime behind ModelBenchmark.run_forward: feed() turns the prepared inputs into arrays
+    (in the preprocessing span), run() is the forward the latency figures time, unpack() turns
+    its arrays into the outputs postprocess() reads (in the postprocessing span)."""
+
+    name = ""
+
+    def __init__(self, export: dict):
+        self.skeleton, self.input_names = export["skeleton"], export["input_names"]
+        self.graph_inputs: list[str] = []  # what the graph reads: the exporter drops an input it never uses
+        self.info: dict = {}
+
+    def feed(self, inputs: Any) -> dict[str, np.ndarray]:
+        tensors = dict(zip(self.input_names, input_leaves(inputs)[1]))
+        return {name: tensors[name].detach().cpu().numpy() for name in self.graph_inputs}
+
+    def run(self, fed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def unpack(self, arrays: list[np.ndarray]) -> Any:
+        return rebuild_outputs(self.skeleton, [torch.from_numpy(np.array(a)) for a in arrays])  # a copy: runtimes reuse buffers
+
+
+class OnnxRuntimeForward(RuntimeForward):
+    """ONNX Runtime's CPU execution provider, --threads intra-op threads, every graph optimisation."""
+
+    name = "onnxruntime"
+
+    def __init__(self, export: dict, threads: int):
+        import onnxruntime as ort
+
+        super().__init__(export)
+        settings = ort.SessionOptions()
+        settings.intra_op_num_threads = threads
+        settings.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        settings.log_severity_level = 3  # errors only: its warnings are not ASCII console lines of ours
+        self.session = ort.InferenceSession(export["path"], settings, providers=["CPUExecutionProvider"])
+        self.graph_inputs = [i.name for i in self.session.get_inputs()]
+        self.info = {"runtime_version": ort.__version__, "runtime_device": "CPU",
+                     "runtime_settings": {"providers": self.session.get_providers(), "intra_op_threads": threads,
+                                          "graph_optimization": "ORT_ENABLE_ALL"}}
+
+    def run(self, fed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, fed)
+
+
+class OpenVinoForward(RuntimeForward):
+    """OpenVINO compiled for its CPU device: --threads, the latency hint, float32 inference."""
+
+    name = "openvino"
+
+    def __init__(self, export: dict, threads: int):
+        import openvino as ov
+
+        super().__init__(export)
+        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": "f32"}  # else bf16 where the CPU has it: not this row's dtype
+        self.compiled = ov.Core().compile_model(export["path"], "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        # a port has every name of its tensor (a cast's output name too): keep the exported input's
+        self.graph_inputs = [next(n for n in self.input_names if n in port.get_names()) for port in self.compiled.inputs]
+        self.info = {"runtime_version": ov.get_version(), "runtime_device": "CPU",
+                     "runtime_settings": {k: openvino_text(self.compiled.get_property(k)) for k in config}}
+
+    def run(self, fed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.request.infer(fed)
+        return [self.request.get_output_tensor(i).data for i in range(len(self.compiled.outputs))]
+
+
+def openvino_text(value: Any) -> str:
+    """A compiled model's property as OpenVINO spells it in a config ('f32', 'LATENCY', '2')."""
+    return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
+RUNTIMES: dict[str, Callable[[dict, int], RuntimeForward]] = {"onnxruntime": OnnxRuntimeForward, "openvino": OpenVinoForward}
+
+
+# --------------------------------------------------------------------------------------
 # Accuracy cost
 # --------------------------------------------------------------------------------------
 
@@ -2698,7 +3007,8 @@ def parity_threshold_set(options: RunOptions) -> str:
 
 def changes_numerics(options: RunOptions) -> bool:
     """True when the options can change what the model computes (--threads cannot)."""
-    return options.dtype != "fp32" or options.fuse or options.channels_last or bool(options.compile)
+    return (options.dtype != "fp32" or options.fuse or options.channels_last or bool(options.compile)
+            or options.backend != "torch")
 
 
 def output_tensors(value: Any) -> list[torch.Tensor]:
@@ -3055,9 +3365,9 @@ def parity_outputs(bench: ModelBenchmark, image: Image.Image) -> tuple[list[torc
     """One untimed run as deployed: raw output tensors (float32 copies on the CPU) and the task result.
     The inputs are prepared outside inference mode, as infer() prepares them: an inference tensor
     fails a compiled forward's guards, and the whole model would compile again (a minute on a CPU)."""
-    inputs = bench.prepare(image)
+    inputs = bench.feed(image)
     with torch.inference_mode():
-        outputs = to_float32(bench.run_forward(inputs))
+        outputs = bench.model_outputs(bench.run_forward(inputs))
         raw = [t.detach().float().cpu().clone() for t in output_tensors(outputs)]
         return raw, bench.task_result(bench.postprocess(outputs, image), image)
 
@@ -3088,7 +3398,9 @@ def check_parity(bench: ModelBenchmark, images: list[tuple[str, Image.Image]], l
         got, variant_peak_mb = outputs_with_peak(bench, images)  # beside the reference, as the layer pass runs
         if compiled_before is not None:  # the variant's outputs must come from the graphs that were timed
             found["parity_recompilations"] = bench.recompilations() - compiled_before
-        if layers and bench.options.compile:
+        if layers and bench.runtime:
+            found["parity_layer_note"] = f"n/a: {bench.runtime.name} runs the exported graph, which has no per-layer outputs"
+        elif layers and bench.options.compile:
             found["parity_layer_note"] = "n/a: --compile runs compiled graphs, which have no per-layer outputs"
         elif layers:
             try:
@@ -3350,7 +3662,8 @@ def dissect_model(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress
 
 def options_fields(options: RunOptions) -> dict:
     """The options as run, for the row: threads as set, interop threads and the CPU affinity."""
-    return {"dtype": options.dtype, "channels_last": options.channels_last, "compile_mode": options.compile,
+    return {"runtime": options.backend, "dtype": options.dtype, "channels_last": options.channels_last,
+            "compile_mode": options.compile,
             "fuse": options.fuse, "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "cpu_affinity": usable_cpus(), "cudnn_benchmark": cuda_cudnn_benchmark()}
 
@@ -3369,7 +3682,7 @@ def model_compute(bench: ModelBenchmark, image: Image.Image, stats: dict, gpu: G
     energy = {}
     if gpu.energy_mj() is not None:
         progress.update(phase="energy", image=None)
-        inputs = bench.prepare(image)
+        inputs = bench.feed(image)
 
         def run_once():
             with torch.inference_mode():
@@ -3380,6 +3693,31 @@ def model_compute(bench: ModelBenchmark, image: Image.Image, stats: dict, gpu: G
             f"({energy['energy_runs']} runs; idle {energy['power_idle_w']:.0f} W)", "STATS")
     return {**figures, **(energy or {"energy_j_per_inference": None, "power_mean_w": None, "power_idle_w": None}),
             "power_limit_w": gpu.power_limit_w(), "nvml": gpu.status, "flops_per_call": per_call}
+
+
+def runtime_phases(bench: ModelBenchmark, job: WorkerJob, image: Image.Image, progress: ModelProgress,
+                   torch_load_sec: float) -> dict:
+    """--backend: export the loaded module (its own phase, never a sample), then create the
+    runtime's session: the row's load time (the PyTorch module's is torch_load_sec)."""
+    backend, exports_dir = bench.options.backend, Path(job.models_dir) / EXPORTS_DIR_NAME
+    if backend == "torch":
+        return {}
+    export_sec, export = timed_phase(progress, "export", bench.device, lambda: export_onnx(bench, image, exports_dir))
+    if export["note"]:
+        log(f"{type(bench).__name__}: {export['note']}", "WARNING")
+    if export["exporter_fallback"]:
+        log(f"{type(bench).__name__}: {export['exporter_fallback']}", "EXPORT")
+    log(f"ONNX export ({export['exporter']} exporter, opset {export['opset']}): {export['mb']:.1f} MB in {export_sec:.2f}s"
+        f"{' (cached: ' + export['path'] + ')' if export['cached'] else ''}; not a latency sample", "EXPORT")
+    threads = bench.options.threads or usable_cpus()
+    load_sec, bench.runtime = timed_phase(progress, "load", bench.device, lambda: RUNTIMES[backend](export, threads))
+    log(f"{backend} {bench.runtime.info['runtime_version']} session created in {load_sec:.2f}s "
+        f"({bench.runtime.info['runtime_settings']})", "LOAD")
+    return {"torch_load_sec": torch_load_sec, "load_time_sec": load_sec, "export_sec": export_sec, "export_mb": export["mb"],
+            "export_cached": export["cached"], "export_note": export["note"], "export_exporter": export["exporter"],
+            "export_fallback": export["exporter_fallback"],
+            "export_opset": export["opset"], "export_path": export["path"], **bench.runtime.info,
+            "dissect_note": f"on the PyTorch module: {backend} runs the exported graph, which has no per-layer outputs"}
 
 
 def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
@@ -3413,11 +3751,12 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         # The counter's global hook ends here: dynamo guards on global module hooks, so a hook
         # present while compiling and gone in the runs would recompile every graph in the cold run.
         # --compile's calls before the cold run are its compile_calls, by design.
-        after_load = get_memory_usage(device)
         log(f"Model loaded successfully in {load_time_sec:.2f}s from {bench.weight_source}", "LOAD")
+        first_image = decode_image(Path(job.images[0]))
+        backend = runtime_phases(bench, job, first_image, progress, load_time_sec)
+        after_load = get_memory_usage(device)
         log(f"{label} after load: {headline_mb(after_load, device):.0f} MB "
             f"(delta: +{headline_mb(after_load, device) - headline_mb(before, device):.0f} MB)", "MEMORY")
-        first_image = decode_image(Path(job.images[0]))
         compiled = {}
         if options.compile:
             images = [first_image] + [decode_image(Path(p)) for p in job.images[1:]]
@@ -3465,6 +3804,7 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         "downloaded": downloaded,
         "load_time_sec": load_time_sec,
         "module_calls_before_cold_run": calls.count,
+        **backend,
         **options_fields(options),
         "compile_sec": compiled.get("compile_sec"),
         "compile_calls": compiled.get("compile_calls"),
@@ -4128,7 +4468,8 @@ WARM_MIN_RATIO = 1.10            # warm median ratio a verdict needs at least ..
 COLD_MIN_RATIO = 1.25            # ... and the cold start
 NOISE_BAND_FACTOR = 4.0          # ... or 1 + 4 x the robust CV of the past, when wider
 MEMORY_MIN_REL, MEMORY_MIN_MB = 0.05, 64.0   # memory peak: both must be exceeded
-ENV_KEYS_COMPARED = ("torch", "transformers", "ultralytics", "cuda_version", "cudnn_version", "python", "os")
+ENV_KEYS_COMPARED = ("torch", "transformers", "ultralytics", "onnx", "onnxruntime", "openvino", "cuda_version",
+                     "cudnn_version", "python", "os")
 FLAGGED = ("suspicious", "regression")
 DRIFT_WINDOW_RUNS = 20           # the slow-drift rule: this run and up to 19 before it ...
 DRIFT_MIN_RUNS = 8               # ... at least 8 of them
@@ -4749,7 +5090,8 @@ EXTRA_CSV_COLUMNS = [
     "warm_median_event_sec", "compile_calls", "peak_precision", "checkpoint_dtype", "weights_dtype", "nvml",
     "gpu_own_process", "layer_timing", "parity", "parity_thresholds", "parity_rel_l2_max", "parity_max_abs",
     "parity_nonfinite", "parity_agreement", "parity_note", "parity_first_drift", "reference_sec",
-    "parity_recompilations", "model_wall_sec",
+    "parity_recompilations", "model_wall_sec", "runtime", "runtime_version", "runtime_device", "torch_load_sec",
+    "export_sec", "export_mb", "export_cached", "export_exporter", "export_opset",
 ]
 
 
@@ -4774,6 +5116,7 @@ def environment(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "transformers": package_version("transformers"),
         "ultralytics": package_version("ultralytics"),
+        **{name: package_version(name) for name in ("onnx", "onnxruntime", "openvino")},  # None: not installed
         "device": str(device),
         "random_seed": RANDOM_SEED,
     }
@@ -4902,6 +5245,25 @@ def accuracy_markdown(ok: list[dict]) -> list[str]:
     return md
 
 
+def runtime_markdown(ok: list[dict]) -> list[str]:
+    """The Runtime block (--backend): what ran the forward, its export and its session."""
+    rows = [r for r in ok if r.get("runtime", "torch") != "torch"]
+    if not rows:
+        return []
+    return ["## Runtime", "",
+            "The forward exported to ONNX from the loaded PyTorch module and run by the runtime below. The export "
+            "is its own phase, never a sample; the row's load time is the session's creation, the PyTorch module's "
+            "load beside it. FLOPs are the PyTorch module's; dissection, where run, is of the PyTorch module; the "
+            "process RSS includes the PyTorch module, kept for the FLOPs, the accuracy check and dissection.", ""] + table(
+        ["Model", "Runtime", "Device", "Settings", "Export", "Export (MB)", "Export (s)", "Session (s)", "PyTorch load (s)"],
+        [[row_name(r), f"{r['runtime']} {r.get('runtime_version')}", r.get("runtime_device"),
+          ", ".join(f"{k}={v}" for k, v in (r.get("runtime_settings") or {}).items()),
+          f"{r.get('export_exporter')} exporter, opset {r.get('export_opset')}" + (" (cached)" if r.get("export_cached") else "")
+          + "".join(f"; {r[k]}" for k in ("export_fallback", "export_note") if r.get(k)),
+          fmt(r.get("export_mb"), ".1f"), fmt(r.get("export_sec"), ".2f"), fmt(r.get("load_time_sec"), ".2f"),
+          fmt(r.get("torch_load_sec"), ".2f")] for r in rows])
+
+
 def task_figures_text(task: dict | None) -> str:
     return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in (task or {}).items()
                      if k not in ("agreement", "note") and v is not None) or "-"
@@ -4990,6 +5352,7 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
           fmt(r["preprocess_avg_sec"]), fmt(r["postprocess_avg_sec"]), shape_text(r["input_shape"])] for r in ok])
     md += compute_markdown(ok)
     md += accuracy_markdown(ok)
+    md += runtime_markdown(ok)
     varied = [r for r in ok if len({shape_text(i["input_shape"]) for i in r["per_image"]}) > 1]
     if varied:
         md += ["## Per-Image Latency", "", "Models whose input shape differs between images: each image's first "
@@ -6655,6 +7018,10 @@ def build_parser() -> ArgumentParser:
                         help="fuse Conv+BN as Ultralytics' predict() does (YOLO, MobileSAM's encoder; no-op elsewhere)")
     deploy.add_argument("--threads", type=positive_int, metavar="N",
                         help="CPU intra-op threads (default: the CPUs this process may use)")
+    deploy.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="what runs the forward: torch, or the forward exported to ONNX (cached under "
+                             f"<models-dir>/{EXPORTS_DIR_NAME}) run by onnxruntime or openvino on the CPU, each "
+                             "row with its accuracy cost against fp32 PyTorch; tensorrt is refused (default: torch)")
     deploy.add_argument("--parity-layers", action="store_true",
                         help="for a variant (--dtype/--fuse/--channels-last/--compile): compare every layer with the "
                              "fp32 reference and name the first that drifts (always on with dissection)")
@@ -6850,9 +7217,12 @@ def plain_output():
 def run_options(args: argparse.Namespace, device: torch.device, on_ray: bool = False) -> RunOptions:
     """The deployment options, checked against the device (on Ray each node checks its own)."""
     options = RunOptions(dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
-                         threads=args.threads)
+                         threads=args.threads, backend=args.backend)
     if not on_ray:
         options.check(device, UsageError)
+    if missing := missing_backend_packages(options.backend):
+        raise UsageError(f"preflight: --backend {options.backend} needs the Python package(s) {', '.join(missing)}, "
+                         f"which this Python cannot import: pip install {' '.join(missing)}; nothing was run")
     return options
 
 

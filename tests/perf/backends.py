@@ -1,0 +1,115 @@
+"""Benchmark script (prints figures; not a test): which runtime to ship, and what it costs.
+
+    python tests/perf/backends.py [--rounds 10] [--models yolo11n-detect,dav2-small,mobilesam]
+
+Per model, in this one process on bus.jpg, random weights, full-size architectures: the warm
+median of the forward on PyTorch eager, ONNX Runtime (CPU) and OpenVINO (CPU), the three
+interleaved round by round; each runtime's speed-up against eager, its export time and size
+(a fresh export, not the cache) and its parity verdict (check_parity, the code a run uses).
+Then YOLO11n on this program's ONNX Runtime row against Ultralytics' own ONNX export run
+through its predict() at the same 640x640 input (its speed['inference'], warm median).
+Nothing else running.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+os.environ.pop("VISION_BENCH_REDUCED_CONFIG", None)  # the real sizes
+
+import unified_benchmark as ub  # noqa: E402
+from PIL import Image  # noqa: E402
+from ultralytics.utils import ASSETS  # noqa: E402
+
+BUS = Path(ASSETS) / "bus.jpg"
+
+
+def build(short_name: str, backend: str) -> ub.ModelBenchmark:
+    (cls,) = ub.resolve_models(short_name)
+    bench = cls(torch.device("cpu"), "random", options=ub.RunOptions(backend=backend))
+    bench.load()
+    return bench
+
+
+def with_runtime(bench: ub.ModelBenchmark, image: Image.Image, exports: Path) -> tuple[float, dict]:
+    start = time.perf_counter()
+    export = ub.export_onnx(bench, image, exports)
+    export_sec = time.perf_counter() - start
+    bench.runtime = ub.RUNTIMES[bench.options.backend](export, ub.usable_cpus())
+    return export_sec, export
+
+
+def one_model(short_name: str, rounds: int, image: Image.Image, exports: Path) -> list[list[str]]:
+    benches = {backend: build(short_name, backend) for backend in ("torch", "onnxruntime", "openvino")}
+    exported = {b: with_runtime(bench, image, exports / b) for b, bench in benches.items() if b != "torch"}
+    for bench in benches.values():  # the cold runs, not counted
+        bench.infer(image)
+    samples: dict[str, list[float]] = {b: [] for b in benches}
+    for _ in range(rounds):
+        for backend, bench in benches.items():
+            samples[backend].append(bench.infer(image)["inference_sec"])
+    eager = statistics.median(samples["torch"])
+    lines = []
+    for backend, bench in benches.items():
+        median = statistics.median(samples[backend])
+        if backend == "torch":
+            lines.append([short_name, backend, f"{median * 1000:.1f}", "1.00x", "-", "-", "reference"])
+            continue
+        export_sec, export = exported[backend]
+        parity = ub.check_parity(bench, [(BUS.name, image)], layers=False)
+        lines.append([short_name, backend, f"{median * 1000:.1f}", f"{eager / median:.2f}x", f"{export_sec:.1f}",
+                      f"{export['mb']:.1f}", f"{parity['parity']} ({parity['parity_rel_l2_max']:.1e})"])
+    for bench in benches.values():
+        bench.cleanup()
+    return lines
+
+
+def ultralytics_onnx(rounds: int, exports: Path) -> float:
+    """Ultralytics' own export of the random YOLO11n, run by its predict(): the warm median of
+    speed['inference'] in seconds (its ONNX Runtime session, 640x640 as this program feeds it)."""
+    from ultralytics import YOLO
+
+    model = YOLO("yolo11n.yaml")
+    path = model.export(format="onnx", imgsz=640, opset=ub.ONNX_OPSET, simplify=False, dynamic=False,
+                        project=str(exports), verbose=False)
+    onnx_model = YOLO(path, task="detect")
+    times = [onnx_model.predict(str(BUS), imgsz=640, verbose=False)[0].speed["inference"] / 1000
+             for _ in range(rounds + 1)][1:]
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--models", default="yolo11n-detect,dav2-small,mobilesam")
+    args = parser.parse_args()
+    torch.set_num_threads(ub.usable_cpus())
+    image = ub.decode_image(BUS)
+    header = ["model", "backend", "warm ms", "vs eager", "export s", "export MB", "parity (worst rel. error)"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vision-bench-backends-") as tmp:
+        for name in args.models.split(","):
+            rows += one_model(name, args.rounds, image, Path(tmp))
+        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+        print(f"torch {torch.__version__}, {ub.usable_cpus()} CPU threads, {args.rounds} interleaved rounds, "
+              f"bus.jpg, random weights")
+        for row in [header] + rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+        if "yolo11n-detect" in args.models.split(","):
+            ours = float(next(r for r in rows if r[0] == "yolo11n-detect" and r[1] == "onnxruntime")[2]) / 1000
+            theirs = ultralytics_onnx(args.rounds, Path(tmp))
+            print(f"YOLO11n 640x640 on ONNX Runtime: this program {ours * 1000:.1f} ms, Ultralytics' export through "
+                  f"predict() {theirs * 1000:.1f} ms: ratio {ours / theirs:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""--backend: the forward exported to ONNX, run by ONNX Runtime and OpenVINO, with its accuracy cost."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_report, run_main, ub
+
+ORT = ["--weights", "random", "--runs", "2", "--no-dissect", "--isolation", "none", "--backend", "onnxruntime"]
+
+
+def only_row(out: Path) -> dict:
+    (row,) = load_report(out)["results"]
+    return row
+
+
+def test_what_a_backend_refuses_and_why():
+    cpu = ub.RunOptions(backend="onnxruntime")
+    assert ub.backend_problem("torch", "cuda", ub.RunOptions(compile="default")) is None
+    assert ub.backend_problem("onnxruntime", "cpu", cpu) is None
+    assert "needs a CUDA device" in ub.backend_problem("tensorrt", "cpu", ub.RunOptions(backend="tensorrt"))
+    assert "not built" in ub.backend_problem("tensorrt", "cuda", ub.RunOptions(backend="tensorrt"))
+    assert "add --device cpu" in ub.backend_problem("openvino", "cuda", ub.RunOptions(backend="openvino"))
+    both = ub.backend_problem("onnxruntime", "cpu", ub.RunOptions(backend="onnxruntime", compile="default", dtype="bf16"))
+    assert both.startswith("--compile, --dtype bf16 are PyTorch options")
+    # The backend is part of the history's configuration key; torch, the default, is not written out.
+    assert ub.RunOptions(backend="openvino").key(2) == {"backend": "openvino"} and ub.RunOptions().key(2) == {}
+
+
+def test_outputs_rebuilt_from_the_skeleton_keep_their_structure():
+    from transformers.modeling_outputs import DepthEstimatorOutput
+
+    depth = DepthEstimatorOutput(predicted_depth=torch.ones(1, 4, 4))
+    nested = (torch.zeros(2), [torch.ones(3), torch.full((1,), 2.0)], None)
+    for value in (depth, nested, {"a": torch.ones(1), "b": 3}):
+        leaves: list = []
+        skeleton = json.loads(json.dumps(ub.output_skeleton(value, leaves)))  # as stored in export.json
+        rebuilt = ub.rebuild_outputs(skeleton, [t * 10 for t in leaves])
+        assert type(rebuilt) is type(value)
+        assert [t.tolist() for t in ub.output_tensors(rebuilt)] == [(t * 10).tolist() for t in ub.output_tensors(value)]
+    assert ub.rebuild_outputs(ub.output_skeleton(nested, []), [torch.zeros(2), torch.ones(3), torch.ones(1)])[2] is None
+
+
+def test_a_missing_backend_package_is_exit_2_naming_it(tmp_path, capsys, one_image_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what Python does for a package it cannot import
+    code, text = run_main(capsys, *ORT[:-1], "openvino", "--models", "yolo11n-detect", "--images", one_image_dir,
+                          "--output-dir", tmp_path)
+    assert code == ub.EXIT_USAGE and "needs the Python package(s) openvino" in text and "pip install openvino" in text
+    assert not list(tmp_path.rglob("benchmark_results_*.json"))  # nothing was run
+
+
+def test_tensorrt_on_the_cpu_is_refused(tmp_path, capsys, one_image_dir):
+    code, text = run_main(capsys, *ORT[:-1], "tensorrt", "--device", "cpu", "--models", "yolo11n-detect",
+                          "--images", one_image_dir, "--output-dir", tmp_path)
+    assert code == ub.EXIT_USAGE and "--backend tensorrt needs a CUDA device" in text, text
+
+
+def test_onnxruntime_exports_once_reuses_the_export_and_redoes_a_corrupt_one(tmp_path, capsys, one_image_dir):
+    """YOLO11n detect on ONNX Runtime three times with one models folder: exported, then the cached
+    export, then (its file truncated) exported again; every time parity 'ok' against fp32 PyTorch."""
+    args = [*ORT, "--models", "yolo11n-detect", "--images", one_image_dir, "--models-dir", tmp_path / "models"]
+    rows = []
+    for run in range(3):
+        code, text = run_main(capsys, *args, "--output-dir", tmp_path / f"out{run}")
+        assert code == 0, text
+        rows.append(only_row(tmp_path / f"out{run}"))
+        if run == 1:  # truncate the cached model, as a full disk or a killed copy leaves it
+            onnx_file = Path(rows[1]["export_path"])
+            onnx_file.write_bytes(onnx_file.read_bytes()[: onnx_file.stat().st_size // 2])
+    assert [r["export_cached"] for r in rows] == [False, True, False]
+    assert rows[2]["export_note"].startswith("the cached model.onnx is truncated or corrupt") and "exported again" in text
+    for row in rows:
+        assert row["runtime"] == "onnxruntime" and row["status"] == "ok" and row["parity"] == "ok", row.get("parity")
+        assert row["parity_rel_l2_max"] < 1e-4 and row["export_exporter"] == "torchscript" and row["export_opset"] == 17
+        assert row["export_mb"] > 5 and row["export_sec"] > 0 and row["load_time_sec"] > 0 and row["torch_load_sec"] > 0
+        assert row["runtime_settings"]["providers"] == ["CPUExecutionProvider"] and len(row["runs"]) == 2
+        assert row["gflops"] > 1 and row["warm_median_sec"] > 0 and row["mem_kind"] == "process_rss"
+    assert rows[0]["export_path"] == rows[1]["export_path"] and "[EXPORT] ONNX export (torchscript exporter" in text
+
+
+def test_a_model_whose_export_fails_is_one_failed_row(tmp_path, capsys, one_image_dir):
+    """The exports folder cannot be made (a file is in its place): that model's row fails in the
+    export phase with the reason, and --keep-going runs the next one."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / ub.EXPORTS_DIR_NAME).write_text("not a folder")
+    code, text = run_main(capsys, *ORT, "--models", "yolo11n-detect,yolo11n-pose", "--keep-going",
+                          "--images", one_image_dir, "--models-dir", models, "--output-dir", tmp_path / "out")
+    rows = load_report(tmp_path / "out")["results"]
+    assert code == ub.EXIT_MODEL_FAILED, text
+    assert [(r["status"], r["failed_phase"]) for r in rows] == [("failed", "export"), ("failed", "export")]
+    assert "during export: OutputError: cannot write the ONNX export under" in rows[0]["error"] and str(models / ub.EXPORTS_DIR_NAME) in rows[0]["error"]
+
+
+@pytest.mark.slow
+def test_openvino_runs_yolo_and_depth_anything_with_parity_ok(tmp_path, capsys, one_image_dir):
+    code, text = run_main(capsys, *ORT[:-1], "openvino", "--models", "yolo11n-detect,dav2-small",
+                          "--images", one_image_dir, "--models-dir", tmp_path / "models", "--output-dir", tmp_path)
+    assert code == 0, text
+    rows = load_report(tmp_path)["results"]
+    assert [r["parity"] for r in rows] == ["ok", "ok"], [(r.get("parity"), r.get("parity_rel_l2_max")) for r in rows]
+    for row in rows:
+        assert row["runtime"] == "openvino" and row["runtime_device"] == "CPU"
+        assert row["runtime_settings"]["PERFORMANCE_HINT"] == "LATENCY"
+        assert row["runtime_settings"]["INFERENCE_PRECISION_HINT"] == "f32"
+
+
+@pytest.mark.slow
+def test_all_eight_models_run_on_onnxruntime_with_parity_ok(tmp_path):
+    """Every model exported and run on ONNX Runtime in its worker (DepthPro in the reduced
+    configuration the tests use), each within the fp32 parity thresholds."""
+    from conftest import BUS, run_cli
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "bus.jpg").write_bytes(BUS.read_bytes())
+    proc = run_cli("--weights", "random", "--runs", "1", "--no-dissect", "--backend", "onnxruntime",
+                   "--images", tmp_path / "images", "--models-dir", tmp_path / "models", "--output-dir", tmp_path / "out",
+                   "--keep-going", timeout=1500)
+    rows = load_report(tmp_path / "out")["results"]
+    found = {r["class_name"]: (r["status"], r.get("parity"), r.get("parity_rel_l2_max")) for r in rows}
+    assert proc.returncode == 0 and len(rows) == 8, (found, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert all(status == "ok" and parity == "ok" for status, parity, _ in found.values()), found
