@@ -12,6 +12,8 @@ Nothing else running.
 """
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import sys
@@ -77,10 +79,15 @@ def ultralytics_onnx(rounds: int, exports: Path) -> float:
     speed['inference'] in seconds (its ONNX Runtime session, 640x640 as this program feeds it)."""
     from ultralytics import YOLO
 
-    model = YOLO("yolo11n.yaml")
-    path = model.export(format="onnx", imgsz=640, opset=ub.ONNX_OPSET, simplify=False, dynamic=False,
-                        project=str(exports), verbose=False)
-    onnx_model = YOLO(path, task="detect")
+    here = os.getcwd()
+    os.chdir(exports)  # Ultralytics writes its export beside the current folder's yolo11n.yaml
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            path = YOLO("yolo11n.yaml").export(format="onnx", imgsz=640, opset=ub.ONNX_OPSET, simplify=False,
+                                               dynamic=False, verbose=False)
+    finally:
+        os.chdir(here)
+    onnx_model = YOLO(str(Path(exports) / path) if not Path(path).is_absolute() else path, task="detect")
     times = [onnx_model.predict(str(BUS), imgsz=640, verbose=False)[0].speed["inference"] / 1000
              for _ in range(rounds + 1)][1:]
     return statistics.median(times)
