@@ -2772,8 +2772,8 @@ def input_leaves(inputs: Any) -> tuple[list[str], list[torch.Tensor]]:
 
 
 class FlatForward(torch.nn.Module):
-    """The benchmark's forward() with flat tensors in and out, for the exporter; outputs() is the
-    structure of its outputs (the skeleton) from one eager call."""
+    """The benchmark's forward() with flat tensors in and out, for the exporter; skeleton() is the
+    structure of its outputs from one eager call."""
 
     def __init__(self, bench: "ModelBenchmark", names: list[str], as_dict: bool):
         super().__init__()
@@ -2919,7 +2919,7 @@ class RuntimeForward:
         raise NotImplementedError
 
     def unpack(self, arrays: list[np.ndarray]) -> Any:
-        return rebuild_outputs(self.skeleton, [torch.from_numpy(np.array(a)) for a in arrays])  # a copy: runtimes reuse buffers
+        return rebuild_outputs(self.skeleton, [torch.from_numpy(a) for a in arrays])
 
 
 class OnnxRuntimeForward(RuntimeForward):
@@ -2966,6 +2966,9 @@ class OpenVinoForward(RuntimeForward):
     def run(self, fed: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.request.infer(fed)
         return [self.request.get_output_tensor(i).data for i in range(len(self.compiled.outputs))]
+
+    def unpack(self, arrays: list[np.ndarray]) -> Any:
+        return super().unpack([a.copy() for a in arrays])  # the request's buffers: the next infer() overwrites them
 
 
 def openvino_text(value: Any) -> str:
