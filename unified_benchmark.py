@@ -75,7 +75,7 @@ import weakref
 import zlib
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -844,11 +844,11 @@ class RunOptions:
     threads: int | None = None   # CPU intra-op threads; None: the CPUs this process may use
     backend: str = "torch"       # --backend: torch, or a runtime that runs the exported forward (Runtimes)
 
-    def check(self, device: torch.device, error: type[Exception]) -> None:
+    def check(self, device: torch.device, error: type[Exception], backends: list[str] | None = None) -> None:
         if self.dtype == "fp16" and device.type != "cuda":
             raise error(f"--dtype fp16 autocasts on CUDA only, and the device is {device}: use --dtype bf16 "
                         f"on the CPU, or --device cuda")
-        if problem := backend_problem(self.backend, device.type, self):
+        if problem := backend_problem(backends or [self.backend], device.type, self):
             raise error(problem)
 
     def key(self, cpus: int) -> dict:
@@ -861,8 +861,12 @@ class RunOptions:
         return key
 
 
-def options_text(options: RunOptions) -> str:
-    return ", ".join(f"{k}={v}" for k, v in asdict(options).items())
+def options_text(options: RunOptions, backends: list[str] | None = None) -> str:
+    """The options as given; with backends (--backend LIST) in place of the one backend field."""
+    fields = asdict(options)
+    if backends is not None:
+        fields["backend"] = ",".join(backends)
+    return ", ".join(f"{k}={v}" for k, v in fields.items())
 
 
 def compiled_graph_count() -> int:
@@ -2707,22 +2711,51 @@ EXPORT_FILE_NAME = "model.onnx"
 EXPORT_META_NAME = "export.json"
 
 
-def backend_problem(backend: str, device_type: str, options: "RunOptions") -> str | None:
-    """Why a backend cannot run with these options on this device (a usage error), or None."""
-    if backend == "torch":
-        return None
-    if backend == "tensorrt":
-        return ("--backend tensorrt needs a CUDA device (TensorRT runs on NVIDIA GPUs only)" if device_type != "cuda"
-                else "--backend tensorrt is not built in this version: use --backend torch on CUDA")
-    if device_type != "cpu":
-        return (f"--backend {backend} runs on the CPU in this version (its CUDA execution is not built): "
-                f"add --device cpu")
-    torch_only = [flag for flag, on in (("--compile", options.compile), ("--channels-last", options.channels_last),
-                                        (f"--dtype {options.dtype}", options.dtype != "fp32")) if on]
-    if torch_only:
-        return (f"{', '.join(torch_only)} {'is a PyTorch option' if len(torch_only) == 1 else 'are PyTorch options'}, "
-                f"and --backend {backend} runs the model exported in float32: leave them out")
+def torch_only_flags(options: "RunOptions") -> list[str]:
+    """The PyTorch options among these (a runtime runs the model exported in float32, eager)."""
+    return [flag for flag, on in (("--compile", options.compile), ("--channels-last", options.channels_last),
+                                  (f"--dtype {options.dtype}", options.dtype != "fp32")) if on]
+
+
+def backend_problem(backends: list[str], device_type: str, options: "RunOptions") -> str | None:
+    """Why these backends cannot run with these options on this device (a usage error), or None.
+    PyTorch's own options beside a runtime are a problem only without a torch row to apply them to."""
+    for backend in backends:
+        if backend == "tensorrt":
+            return ("--backend tensorrt needs a CUDA device (TensorRT runs on NVIDIA GPUs only)" if device_type != "cuda"
+                    else "--backend tensorrt is not built in this version: use --backend torch on CUDA")
+        if backend != "torch" and device_type != "cpu":
+            return (f"--backend {backend} runs on the CPU in this version (its CUDA execution is not built): "
+                    f"add --device cpu")
+    runtimes = [b for b in backends if b != "torch"]
+    if runtimes and "torch" not in backends and (flags := torch_only_flags(options)):
+        return (f"{', '.join(flags)} {'is a PyTorch option' if len(flags) == 1 else 'are PyTorch options'}, "
+                f"and --backend {','.join(runtimes)} runs the model exported in float32: leave them out, or add "
+                f"torch to --backend for rows they apply to")
     return None
+
+
+def backend_options(options: "RunOptions", backend: str) -> tuple["RunOptions", list[str]]:
+    """The options one backend's rows run with, and what was left out of them, said in the row:
+    --dtype, --compile and --channels-last are PyTorch's, applied to the torch rows only."""
+    if backend == "torch":
+        return replace(options, backend="torch"), []
+    flags = torch_only_flags(options)
+    clean = replace(options, backend=backend, dtype="fp32", compile=None, channels_last=False)
+    return clean, [f"{', '.join(flags)}: applied to the torch rows only; {backend} runs the model exported "
+                   f"in float32"] if flags else []
+
+
+def parse_backends(text: str) -> list[str]:
+    """--backend LIST: comma separated, each once, in the order given (the first is the baseline)."""
+    backends = [b.strip() for b in text.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if not backends or unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {', '.join(unknown) or repr(text)}: choose from "
+                                         f"{', '.join(BACKENDS)}, comma separated")
+    if len(set(backends)) < len(backends):
+        raise argparse.ArgumentTypeError(f"a backend is named twice in {text!r}: name each once")
+    return backends
 
 
 def missing_backend_packages(backend: str) -> list[str]:
@@ -3457,10 +3490,15 @@ class WorkerJob:
     options: dict = field(default_factory=dict)  # RunOptions as a dict
     parity_layers: bool = False  # --parity-layers (a variant with dissect compares its layers anyway)
     eta: dict = field(default_factory=dict)  # expected_sec, after_sec, launched_at (time.time()); {}: no estimate
+    notes: list[str] = field(default_factory=list)  # said in the row (options left out of this backend's row)
 
     @property
     def model_class(self) -> type[ModelBenchmark]:
         return next(c for c in MODEL_REGISTRY if c.__name__ == self.class_name)
+
+    @property
+    def backend(self) -> str:
+        return self.options.get("backend", "torch")
 
 
 class ModelProgress:
@@ -3792,6 +3830,7 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         per_call = {(layer["name"], layer["call"]): layer for layer in parity_layers} if parity_layers else None
         dissection = dissect_model(bench, job, progress, flops_per_call, per_call) if job.dissect else None
         info = bench.get_info()
+        info["notes"] += job.notes
         progress.update(phase="cleanup", image=None)  # on failure the phase stays where it failed
     finally:
         log("Clearing model and GPU cache...", "CLEANUP")
@@ -3868,23 +3907,36 @@ def failure_message(cls: type[ModelBenchmark], error: BaseException, progress: M
 
 
 def status_row(cls: type[ModelBenchmark], status: str, reason: str, progress: ModelProgress | None = None,
-               **extra) -> dict:
+               backend: str = "torch", **extra) -> dict:
     """The row of a model that did not finish: skipped, failed, crashed or timed_out."""
     progress = progress or ModelProgress()
     return {"model_name": cls.MODEL_NAME, "class_name": cls.__name__, "short_name": cls.SHORT_NAME,
-            "input_size": cls.INPUT_SIZE, "status": status, "error": reason,
+            "input_size": cls.INPUT_SIZE, "runtime": backend, "status": status, "error": reason,
             "failed_phase": progress.phase, "failed_image": progress.image, **extra}
 
 
+def row_backend(row: dict) -> str:
+    """What ran a row's forward (rows from before --backend: torch)."""
+    return row.get("runtime") or "torch"
+
+
 def row_name(row: dict) -> str:
-    """A model as the report names it: with its node when it ran on a cluster."""
-    return row["model_name"] + (f" @ {row['node_label']}" if row.get("node_label") else "")
+    """A model as the report names it: with its backend when not torch, its node on a cluster."""
+    backend = row_backend(row)
+    return (row["model_name"] + (f" [{backend}]" if backend != "torch" else "")
+            + (f" @ {row['node_label']}" if row.get("node_label") else ""))
 
 
-def run_key(class_name: str, node_label: str | None = None) -> str:
-    """One model's run within a run: its class, and its node on Ray (every-node runs a class once
-    per node). The journal, the recovery and the trend plots tell runs apart by it."""
-    return f"{class_name} @ {node_label}" if node_label else class_name
+def run_key(class_name: str, backend: str = "torch", node_label: str | None = None) -> str:
+    """One row's identity within a run: its class, its backend (when not torch), and its node on
+    Ray (every-node runs a class once per node). The journal, the recovery and the trend plots
+    tell rows apart by it."""
+    name = class_name if backend == "torch" else f"{class_name}:{backend}"
+    return f"{name} @ {node_label}" if node_label else name
+
+
+def row_key(row: dict) -> str:
+    return run_key(row["class_name"], row_backend(row), row.get("node_label"))
 
 
 def run_model(job: WorkerJob, progress: ModelProgress) -> dict:
@@ -3895,12 +3947,12 @@ def run_model(job: WorkerJob, progress: ModelProgress) -> dict:
     except Exception as e:
         if isinstance(e, ModelUnavailable) and issubclass(cls, SKIPPABLE):
             log(f"Skipping {cls.__name__}: {e}", "SKIP")
-            return status_row(cls, "skipped", str(e))
+            return status_row(cls, "skipped", str(e), backend=job.backend)
         message = failure_message(cls, e, progress, torch.device(job.device))
         log(message, "ERROR")
         if not isinstance(e, BenchError):
             traceback.print_exc()
-        return status_row(cls, "failed", message, progress)
+        return status_row(cls, "failed", message, progress, job.backend)
 
 
 def die_with_parent() -> None:
@@ -3985,8 +4037,8 @@ class RunJournal:
     def __init__(self, path: Path, header: dict):
         self.path, self.header, self.fd, self.failed = path, header, None, False
 
-    def started(self, class_name: str, node_label: str | None = None) -> None:
-        self._append({"event": "started", "class_name": class_name, "node_label": node_label})
+    def started(self, class_name: str, backend: str, node_label: str | None = None) -> None:
+        self._append({"event": "started", "class_name": class_name, "backend": backend, "node_label": node_label})
 
     def finished(self, row: dict) -> None:
         self._append({"event": "finished", "row": row})
@@ -4047,7 +4099,8 @@ def read_journal(path: Path) -> dict:
         raise OutputError(f"{path} has no readable header ({torn} torn line(s)): nothing can be recovered from it; "
                           f"move it aside")
     rows = [e["row"] for e in entries if e.get("event") == "finished"]
-    started = [run_key(e["class_name"], e.get("node_label")) for e in entries if e.get("event") == "started"]
+    started = [run_key(e["class_name"], e.get("backend", "torch"), e.get("node_label"))
+               for e in entries if e.get("event") == "started"]
     ended = next((e for e in entries if e.get("event") == "ended"), None)
     return {"header": entries[0], "rows": rows, "started": started, "ended": ended, "torn_lines": torn,
             "last_wall_time": entries[-1]["wall_time"]}
@@ -4055,15 +4108,15 @@ def read_journal(path: Path) -> dict:
 
 def lost_models(planned: list[str], started: list[str], rows: list[dict]) -> list[str]:
     """What a dead run lost: the models it was running (each start without its row), then those it
-    never started. started holds run_key()s, a class on several nodes once per node."""
-    done = collections.Counter(run_key(r["class_name"], r.get("node_label")) for r in rows)
+    never started. planned and started hold run_key()s, a row on several nodes once per node."""
+    done = collections.Counter(row_key(r) for r in rows)
     running = []
     for name in started:
         if done[name]:
             done[name] -= 1
         else:
             running.append(name)
-    begun = {name.split(" @ ")[0] for name in started} | {r["class_name"] for r in rows}
+    begun = {name.split(" @ ")[0] for name in started} | {row_key(r).split(" @ ")[0] for r in rows}
     return [f"{c} (running when the run died)" for c in running] + [f"{c} (not started)" for c in planned if c not in begun]
 
 
@@ -4102,6 +4155,7 @@ class RunConfig:
     executor_info: dict = field(default_factory=lambda: {"executor": "local"})
     skips: dict[str, str] = field(default_factory=dict)
     options: RunOptions = field(default_factory=RunOptions)
+    backends: list[str] = field(default_factory=lambda: ["torch"])  # --backend, in order: each model once per backend
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     history: str | None = None       # the history file this run is stored in (None: --no-history)
     history_keep_runs: int | None = None  # --history-keep-runs (None: keep every run)
@@ -4122,15 +4176,21 @@ class RunConfig:
     @classmethod
     def from_record(cls, record: dict) -> RunConfig:
         known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__ and k not in cls.RECORD_SKIPS}
+        options = {k: v for k, v in record["options"].items() if k in RunOptions.__dataclass_fields__}
         return cls(**{**known, "models": resolve_models(",".join(record["models"])),
                       "images": [Path(p) for p in record["images"]], "device": torch.device(record["device"]),
                       "models_dir": Path(record["models_dir"]), "output_dir": Path(record["output_dir"]),
-                      "options": RunOptions(**{k: v for k, v in record["options"].items()
-                                               if k in RunOptions.__dataclass_fields__})})
+                      "backends": record.get("backends") or [options.get("backend", "torch")],  # before backend lists
+                      "options": RunOptions(**{**options, "backend": "torch"})})
 
-    def note_started(self, cls: type[ModelBenchmark], node_label: str | None = None) -> None:
+    @property
+    def units(self) -> list[tuple[type[ModelBenchmark], str]]:
+        """What the run benchmarks, in order: every model once per backend (a row each)."""
+        return [(cls, backend) for cls in self.models for backend in self.backends]
+
+    def note_started(self, cls: type[ModelBenchmark], backend: str, node_label: str | None = None) -> None:
         if self.journal:
-            self.journal.started(cls.__name__, node_label)
+            self.journal.started(cls.__name__, backend, node_label)
 
     def note_finished(self, row: dict) -> None:
         if self.journal:
@@ -4144,12 +4204,18 @@ class RunConfig:
     def viz_dir(self) -> Path:
         return self.output_dir / "viz" / self.timestamp
 
-    def job(self, cls: type[ModelBenchmark]) -> WorkerJob:
+    def job(self, cls: type[ModelBenchmark], backend: str = "torch") -> WorkerJob:
+        """One row's job. With several backends a model is dissected in its first backend's row only
+        (the same PyTorch module each time); the others say where."""
+        options, notes = backend_options(self.options, backend)
+        dissect = self.dissect and backend == self.backends[0]
+        if self.dissect and not dissect:
+            notes.append(f"dissected in its {self.backends[0]} row (the same PyTorch module)")
         return WorkerJob(class_name=cls.__name__, device=str(self.device), weights=self.weights,
                          models_dir=str(self.models_dir), images=[str(p) for p in self.images], runs=self.runs,
-                         dissect=self.dissect, dissect_mode=self.dissect_mode, viz_dir=str(self.viz_dir),
+                         dissect=dissect, dissect_mode=self.dissect_mode, viz_dir=str(self.viz_dir),
                          dissect_filter=self.dissect_filter, dissect_max_mb=self.dissect_max_mb,
-                         options=asdict(self.options), parity_layers=self.parity_layers)
+                         options=asdict(options), parity_layers=self.parity_layers, notes=notes)
 
 
 def this_program(*args: str) -> list[str]:
@@ -4215,6 +4281,7 @@ class WorkerProcess:
     result arrive as JSON lines on a pipe of their own. Own session: the runner forwards signals."""
 
     def __init__(self, job: WorkerJob, job_path: Path):
+        self.job = job
         job_path.write_text(json.dumps(vars(job)), encoding="utf-8")
         read_fd, write_fd = os.pipe()
         self.started = time.monotonic()
@@ -4325,7 +4392,8 @@ def dead_worker_row(cls: type[ModelBenchmark], worker: WorkerProcess, status: st
         message += (f" (SIGKILL from outside is most likely the kernel's out-of-memory killer; the worker's "
                     f"last peak RSS was {fmt(peak, '.0f')} MB)")
     log(message, "ERROR")
-    return status_row(cls, status, message, worker.progress, worker_pid=worker.proc.pid, worker_exit_code=code,
+    return status_row(cls, status, message, worker.progress, worker.job.backend, worker_pid=worker.proc.pid,
+                      worker_exit_code=code,
                       worker_signal=signame, last_peak_rss_mb=peak, last_log_lines=list(worker.lines))
 
 
@@ -4333,7 +4401,7 @@ def run_in_worker(job: WorkerJob, work_dir: Path, timeout_sec: float | None, sin
     """One model in a fresh worker process: its row, or a crashed / timed_out row. The timeout
     counts from `since` (monotonic: the model's start, its random-weights build included)."""
     cls = job.model_class
-    worker = WorkerProcess(job, work_dir / f"{cls.__name__}.job.json")
+    worker = WorkerProcess(job, work_dir / f"{cls.__name__}-{job.backend}.job.json")
     log(f"Worker process {worker.proc.pid} started for {cls.__name__}", "WORKER")
     deadline = None if timeout_sec is None else (since or worker.started) + timeout_sec
     try:
@@ -4374,36 +4442,38 @@ def execute_job(job: WorkerJob, isolation: str, work_dir: Path, timeout_sec: flo
         checkpoint = prepare_random_checkpoint(cls, job.weights, work_dir, timeout_sec)
     except BenchError as e:
         log(str(e), "ERROR")
-        return status_row(cls, "failed", str(e), ModelProgress(), failed_phase="prepare random weights")
+        return status_row(cls, "failed", str(e), ModelProgress(), job.backend, failed_phase="prepare random weights")
     except subprocess.TimeoutExpired:
         message = (f"{cls.__name__}: building its seeded random weights passed --model-timeout {timeout_sec:g}s "
                    f"and the builder was killed")
         log(message, "ERROR")
-        return status_row(cls, "timed_out", message, ModelProgress(), failed_phase="prepare random weights")
+        return status_row(cls, "timed_out", message, ModelProgress(), job.backend,
+                          failed_phase="prepare random weights")
     job.random_checkpoint = str(checkpoint) if checkpoint else None
     row = run_in_worker(job, work_dir, timeout_sec, started) if isolation == "process" else run_in_process(job)
     return {**row, "isolation": isolation}
 
 
-def execute_model(cls: type[ModelBenchmark], cfg: RunConfig, eta: dict | None = None) -> dict:
-    job = cfg.job(cls)
+def execute_model(cls: type[ModelBenchmark], backend: str, cfg: RunConfig, eta: dict | None = None) -> dict:
+    job = cfg.job(cls, backend)
     job.eta = eta or {}
     return execute_job(job, cfg.isolation, cfg.work_dir, cfg.model_timeout_sec)
 
 
 def model_eta(cfg: RunConfig, position: int, finished_walls: list[float]) -> dict:
-    """The estimate a model's worker gets (its expected wall time, the later models'), and the
-    [ETA] line that opens the model."""
-    cls = cfg.models[position - 1]
-    expected = cfg.expected_wall_sec.get(cls.__name__)
-    later = [c.__name__ for c in cfg.models[position:] if c.__name__ not in cfg.skips]
-    after = later_models_sec([cfg.expected_wall_sec.get(name) for name in later], finished_walls)
+    """The estimate a row's worker gets (its expected wall time, the later rows'), and the
+    [ETA] line that opens the row."""
+    cls, backend = cfg.units[position - 1]
+    name = run_key(cls.__name__, backend)
+    expected = cfg.expected_wall_sec.get(name)
+    later = [run_key(c.__name__, b) for c, b in cfg.units[position:] if c.__name__ not in cfg.skips]
+    after = later_models_sec([cfg.expected_wall_sec.get(key) for key in later], finished_walls)
     run_left = expected + after if expected is not None and after is not None else None
     why = ("median of its last runs in this configuration" if expected is not None else
            "no earlier complete run of this configuration in the history" if cfg.history else "no history")
-    log(f"{cls.__name__}: ~{duration_text(expected)} expected ({why}); the run: ~{duration_text(run_left)} left with "
+    log(f"{name}: ~{duration_text(expected)} expected ({why}); the run: ~{duration_text(run_left)} left with "
         f"{len(later)} model(s) after this one", "ETA")
-    source = eta_source(expected is not None, all(cfg.expected_wall_sec.get(name) is not None for name in later))
+    source = eta_source(expected is not None, all(cfg.expected_wall_sec.get(key) is not None for key in later))
     return {"expected_sec": expected, "after_sec": after, "launched_at": time.time(), "source": source}
 
 
@@ -4431,16 +4501,17 @@ def run_benchmark(cfg: RunConfig) -> RunOutcome:
 def run_models(cfg: RunConfig, results: list[dict]) -> RunOutcome:
     """The loop of run_benchmark: each row appended to results (and the journal) as it comes."""
     exit_code, finished_walls = EXIT_OK, []
-    for position, cls in enumerate(cfg.models, 1):
-        banner(f"[{position}/{len(cfg.models)}] {cls.__name__}")
+    for position, (cls, backend) in enumerate(cfg.units, 1):
+        name = run_key(cls.__name__, backend)
+        banner(f"[{position}/{len(cfg.units)}] {name}")
         if cls.__name__ in cfg.skips:
-            log(f"Skipping {cls.__name__}: {cfg.skips[cls.__name__]}", "SKIP")
-            results.append(status_row(cls, "skipped", cfg.skips[cls.__name__]))
+            log(f"Skipping {name}: {cfg.skips[cls.__name__]}", "SKIP")
+            results.append(status_row(cls, "skipped", cfg.skips[cls.__name__], backend=backend))
             cfg.note_finished(results[-1])
             continue
-        cfg.note_started(cls)
+        cfg.note_started(cls, backend)
         started = time.perf_counter()
-        row = execute_model(cls, cfg, model_eta(cfg, position, finished_walls))
+        row = execute_model(cls, backend, cfg, model_eta(cfg, position, finished_walls))
         row["model_wall_sec"] = time.perf_counter() - started
         if row["status"] == "ok":
             finished_walls.append(row["model_wall_sec"])
@@ -4451,7 +4522,7 @@ def run_models(cfg: RunConfig, results: list[dict]) -> RunOutcome:
             if not cfg.keep_going:
                 return RunOutcome(results, exit_code, False)
         elif row["status"] == "ok":
-            log(f"{cls.__name__} finished", "COMPLETE")
+            log(f"{name} finished", "COMPLETE")
         if cfg.device.type == "cuda":
             time.sleep(CLEANUP_SLEEP_SEC)
     return RunOutcome(results, exit_code, True)
@@ -4463,7 +4534,7 @@ def run_models(cfg: RunConfig, results: list[dict]) -> RunOutcome:
 
 HISTORY_FILE_NAME = "history.sqlite"
 SITE_FILE_NAME = "index.html"    # the trend site, beside the history's reports (Trend site)
-HISTORY_SCHEMA_VERSION = 1
+HISTORY_SCHEMA_VERSION = 2
 BASELINE_MAX_RUNS = 10           # earlier runs a verdict compares against, most recent first
 BASELINE_MIN_RUNS = 3            # fewer: "insufficient data"
 VERDICT_ALPHA = 0.01             # one-sided exact Mann-Whitney U
@@ -4503,8 +4574,47 @@ CREATE TABLE verdicts (
     baseline_runs INTEGER, detail TEXT, PRIMARY KEY (run_id, class_name, machine_key, metric));
 CREATE INDEX model_results_by_config ON model_results (config_key, class_name, machine_key);
 """
-# Later schema versions add entries here: version -> SQL that upgrades the previous one.
-HISTORY_MIGRATIONS: dict[int, str] = {}
+# Each later schema version: the SQL statements that upgrade the one before (run in one
+# transaction with the version's update). A new history is created as version 1 and upgraded,
+# so every step runs on every history.
+HISTORY_MIGRATIONS: dict[int, str] = {
+    # 2: the backend (--backend) in the rows' identity, so one run stores a model once per backend.
+    # Existing rows take their row's runtime (torch before there were runtimes); rowid order is kept.
+    2: """
+DROP INDEX model_results_by_config;
+ALTER TABLE model_results RENAME TO model_results_v1;
+ALTER TABLE samples RENAME TO samples_v1;
+ALTER TABLE verdicts RENAME TO verdicts_v1;
+CREATE TABLE model_results (
+    run_id TEXT NOT NULL REFERENCES runs(run_id), class_name TEXT NOT NULL, backend TEXT NOT NULL DEFAULT 'torch',
+    machine_key TEXT NOT NULL, model_name TEXT, config_key TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL,
+    noisy INTEGER, load_time_sec REAL, runtime_init_sec REAL, download_sec REAL, cold_inference_sec REAL,
+    warm_median_sec REAL, mem_peak_mb REAL, rss_peak_mb REAL, cuda_peak_allocated_mb REAL,
+    total_params INTEGER, input_shape TEXT, row TEXT NOT NULL, PRIMARY KEY (run_id, class_name, backend, machine_key));
+CREATE TABLE samples (
+    run_id TEXT NOT NULL, class_name TEXT NOT NULL, backend TEXT NOT NULL DEFAULT 'torch', machine_key TEXT NOT NULL,
+    image TEXT NOT NULL, run INTEGER NOT NULL, inference_sec REAL NOT NULL, preprocess_sec REAL, postprocess_sec REAL,
+    peak_mb REAL, input_shape TEXT, PRIMARY KEY (run_id, class_name, backend, machine_key, image, run));
+CREATE TABLE verdicts (
+    run_id TEXT NOT NULL, class_name TEXT NOT NULL, backend TEXT NOT NULL DEFAULT 'torch', machine_key TEXT NOT NULL,
+    metric TEXT NOT NULL, verdict TEXT NOT NULL, baseline REAL, now REAL, ratio REAL, p_value REAL, threshold REAL,
+    baseline_runs INTEGER, detail TEXT, PRIMARY KEY (run_id, class_name, backend, machine_key, metric));
+INSERT INTO model_results SELECT run_id, class_name, COALESCE(json_extract(row, '$.runtime'), 'torch'), machine_key,
+    model_name, config_key, config, status, noisy, load_time_sec, runtime_init_sec, download_sec, cold_inference_sec,
+    warm_median_sec, mem_peak_mb, rss_peak_mb, cuda_peak_allocated_mb, total_params, input_shape, row
+    FROM model_results_v1 ORDER BY rowid;
+INSERT INTO samples SELECT s.run_id, s.class_name, COALESCE(m.backend, 'torch'), s.machine_key, s.image, s.run,
+    s.inference_sec, s.preprocess_sec, s.postprocess_sec, s.peak_mb, s.input_shape
+    FROM samples_v1 s LEFT JOIN model_results m USING (run_id, class_name, machine_key) ORDER BY s.rowid;
+INSERT INTO verdicts SELECT v.run_id, v.class_name, COALESCE(m.backend, 'torch'), v.machine_key, v.metric, v.verdict,
+    v.baseline, v.now, v.ratio, v.p_value, v.threshold, v.baseline_runs, v.detail
+    FROM verdicts_v1 v LEFT JOIN model_results m USING (run_id, class_name, machine_key) ORDER BY v.rowid;
+DROP TABLE model_results_v1;
+DROP TABLE samples_v1;
+DROP TABLE verdicts_v1;
+CREATE INDEX model_results_by_config ON model_results (config_key, class_name, backend, machine_key);
+""",
+}
 
 
 def short_hash(data: Any) -> str:
@@ -4551,8 +4661,18 @@ def model_config(payload: dict, row: dict) -> dict:
         "images": payload.get("image_set") or image_fingerprints([Path(p) for p in payload.get("images", [])]),
         "runs_per_image": payload.get("num_inference_runs"),
         "isolation": payload.get("isolation", "none"),  # reports before worker processes ran in one process
-        "options": payload.get("options", {}),
+        "options": row_options_key(payload.get("options", {}), row),
     }
+
+
+def row_options_key(run_options: dict, row: dict) -> dict:
+    """The run's options key as this row ran them: its own backend (left out for torch, as runs from
+    before --backend), and without PyTorch's options on a runtime's row (backend_options)."""
+    backend = row_backend(row) if "runtime" in row else run_options.get("backend", "torch")
+    key = {k: v for k, v in run_options.items() if k != "backend"}
+    if backend == "torch":
+        return key
+    return {**{k: v for k, v in key.items() if k not in ("dtype", "compile", "channels_last")}, "backend": backend}
 
 
 def robust_cv(values: list[float]) -> float:
@@ -4713,7 +4833,7 @@ def payload_from_report(path: Path) -> dict:
         raise UsageError(f"{path} is not a vision-bench report: no 'results' list")
     notes = payload["import_notes"] = [n for n in payload.get("import_notes") or [] if isinstance(n, str)]
     rows = [report_row(raw, i, path, notes) for i, raw in enumerate(payload["results"], 1)]
-    payload["results"] = list({r["class_name"]: r for r in rows if r is not None}.values())
+    payload["results"] = list({row_key(r): r for r in rows if r is not None}.values())
     if len(payload["results"]) < len([r for r in rows if r is not None]):
         notes.append("a model appears more than once: its last row is kept")
     if not isinstance(payload.get("environment"), dict):
@@ -4843,16 +4963,34 @@ class HistoryStore:
         if "meta" not in tables:
             with self.db:
                 self.db.executescript(HISTORY_SCHEMA_V1)
-                self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(HISTORY_SCHEMA_VERSION),))
-            return
-        version = int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+                self.db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        version = self.schema_version()
         if version > HISTORY_SCHEMA_VERSION:
             raise OutputError(f"history store {self.path} has schema {version}, written by a newer vision-bench "
                               f"(this one reads up to {HISTORY_SCHEMA_VERSION}): upgrade, or pass --history PATH")
-        with self.db:
-            for step in range(version + 1, HISTORY_SCHEMA_VERSION + 1):
-                self.db.executescript(HISTORY_MIGRATIONS[step])
-            self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(HISTORY_SCHEMA_VERSION),))
+        if version < HISTORY_SCHEMA_VERSION:
+            self._upgrade()
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+
+    def _upgrade(self) -> None:
+        """Every migration step in one write transaction, taken before the version is read again:
+        two runs opening an old history at once upgrade it once (the second waits, then finds it done)."""
+        self.db.isolation_level = None  # the transaction is ours: DDL and DML in one BEGIN ... COMMIT
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for step in range(self.schema_version() + 1, HISTORY_SCHEMA_VERSION + 1):
+                    for statement in filter(str.strip, HISTORY_MIGRATIONS[step].split(";")):
+                        self.db.execute(statement)
+                    self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(step),))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        finally:
+            self.db.isolation_level = ""
 
     def close(self) -> None:
         self.db.close()
@@ -4874,56 +5012,69 @@ class HistoryStore:
         return True
 
     def _add_result(self, run_id: str, payload: dict, row: dict) -> None:
-        config, machine = model_config(payload, row), row_machine_key(payload, row)
+        config, machine, backend = model_config(payload, row), row_machine_key(payload, row), row_backend(row)
         slim = {k: v for k, v in row.items() if k != "runs"}
         self.db.execute(
-            "INSERT INTO model_results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (run_id, row["class_name"], machine, row.get("model_name"), short_hash(config), json.dumps(config),
+            "INSERT INTO model_results (run_id, class_name, backend, machine_key, model_name, config_key, config, status, "
+            "noisy, load_time_sec, runtime_init_sec, download_sec, cold_inference_sec, warm_median_sec, mem_peak_mb, "
+            "rss_peak_mb, cuda_peak_allocated_mb, total_params, input_shape, row) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (run_id, row["class_name"], backend, machine, row.get("model_name"), short_hash(config), json.dumps(config),
              row["status"],
              int(bool(row.get("noisy"))), row.get("load_time_sec"), row.get("runtime_init_sec"), row.get("download_sec"),
              row.get("cold_inference_sec"), row.get("warm_median_sec"), row.get("mem_peak_mb"), row.get("rss_peak_mb"),
              row.get("cuda_peak_allocated_mb"), row.get("total_params"), json.dumps(row.get("input_shape")),
              json.dumps(slim, default=str)))
-        self.db.executemany("INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?,?,?,?,?,?)", [
-            (run_id, row["class_name"], machine, r["image"], r["run"], r["inference_sec"], r.get("preprocess_sec"),
-             r.get("postprocess_sec"), r.get("peak_mb"), json.dumps(r.get("input_shape"))) for r in row.get("runs", [])])
+        self.db.executemany(
+            "INSERT OR IGNORE INTO samples (run_id, class_name, backend, machine_key, image, run, inference_sec, "
+            "preprocess_sec, postprocess_sec, peak_mb, input_shape) VALUES (?,?,?,?,?,?,?,?,?,?,?)", [
+                (run_id, row["class_name"], backend, machine, r["image"], r["run"], r["inference_sec"],
+                 r.get("preprocess_sec"), r.get("postprocess_sec"), r.get("peak_mb"), json.dumps(r.get("input_shape")))
+                for r in row.get("runs", [])])
 
     def earlier(self, payload: dict, row: dict) -> list[dict]:
-        """Earlier ok runs of this model with the same machine and configuration, most recent first;
-        never an incomplete run (stopped, interrupted or recovered from a dead run's journal)."""
-        config_key, machine = short_hash(model_config(payload, row)), row_machine_key(payload, row)
+        """Earlier ok runs of this model with the same machine, backend and configuration, most recent
+        first; never an incomplete run (stopped, interrupted or recovered from a dead run's journal)."""
+        config_key, ident = short_hash(model_config(payload, row)), self.identity(payload, row)
         found = self.db.execute(
             "SELECT m.run_id, m.row, r.environment, r.started_at FROM model_results m JOIN runs r USING (run_id) "
-            "WHERE m.config_key=? AND m.class_name=? AND m.machine_key=? AND r.started_at<? AND m.status='ok' "
-            "AND r.complete=1 ORDER BY r.started_at DESC", (config_key, row["class_name"], machine, payload["started_at"]))
+            "WHERE m.config_key=? AND m.class_name=? AND m.backend=? AND m.machine_key=? AND r.started_at<? "
+            "AND m.status='ok' AND r.complete=1 ORDER BY r.started_at DESC", (config_key, *ident, payload["started_at"]))
         runs = []
         for rec in found:
             earlier = json.loads(rec["row"])
-            earlier["runs"] = self.samples(rec["run_id"], row["class_name"], machine)
+            earlier["runs"] = self.samples(rec["run_id"], *ident)
             earlier.update(run_id=rec["run_id"], started_at=rec["started_at"], environment=json.loads(rec["environment"]),
-                           verdicts=self.verdicts(rec["run_id"], row["class_name"], machine))
+                           verdicts=self.verdicts(rec["run_id"], *ident))
             runs.append(earlier)
         return runs
 
-    def samples(self, run_id: str, class_name: str, machine: str) -> list[dict]:
+    @staticmethod
+    def identity(payload: dict, row: dict) -> tuple[str, str, str]:
+        """A row's key in the tables beside its run id: class, backend, machine."""
+        return row["class_name"], row_backend(row), row_machine_key(payload, row)
+
+    def samples(self, run_id: str, class_name: str, backend: str, machine: str) -> list[dict]:
         rows = self.db.execute("SELECT image, run, inference_sec, preprocess_sec, postprocess_sec, peak_mb, input_shape "
-                               "FROM samples WHERE run_id=? AND class_name=? AND machine_key=? ORDER BY rowid",
-                               (run_id, class_name, machine))
+                               "FROM samples WHERE run_id=? AND class_name=? AND backend=? AND machine_key=? ORDER BY rowid",
+                               (run_id, class_name, backend, machine))
         return [{**dict(r), "input_shape": json.loads(r["input_shape"] or "null")} for r in rows]
 
-    def verdicts(self, run_id: str, class_name: str, machine: str) -> dict[str, str]:
-        rows = self.db.execute("SELECT metric, verdict FROM verdicts WHERE run_id=? AND class_name=? AND machine_key=?",
-                               (run_id, class_name, machine))
+    def verdicts(self, run_id: str, class_name: str, backend: str, machine: str) -> dict[str, str]:
+        rows = self.db.execute("SELECT metric, verdict FROM verdicts WHERE run_id=? AND class_name=? AND backend=? "
+                               "AND machine_key=?", (run_id, class_name, backend, machine))
         return {r["metric"]: r["verdict"] for r in rows}
 
     def add_verdicts(self, run_id: str, verdicts: list[dict]) -> None:
         with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO verdicts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", [
-                (run_id, v["class_name"], v["machine_key"], v["metric"], v["verdict"], v.get("baseline"), v.get("now"),
-                 v.get("ratio"),
-                 v.get("p_value"), v.get("threshold"), v.get("baseline_runs"),
-                 json.dumps({"notes": v.get("notes", []), "env_changes": v.get("env_changes", [])}))
-                for v in verdicts])
+            self.db.executemany(
+                "INSERT OR REPLACE INTO verdicts (run_id, class_name, backend, machine_key, metric, verdict, baseline, "
+                "now, ratio, p_value, threshold, baseline_runs, detail) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", [
+                    (run_id, v["class_name"], v.get("backend", "torch"), v["machine_key"], v["metric"], v["verdict"],
+                     v.get("baseline"), v.get("now"), v.get("ratio"), v.get("p_value"), v.get("threshold"),
+                     v.get("baseline_runs"),
+                     json.dumps({"notes": v.get("notes", []), "env_changes": v.get("env_changes", [])}))
+                    for v in verdicts])
 
     def payload(self, run_id: str) -> dict | None:
         """A stored run in the shape of a report payload (for --compare by run id)."""
@@ -4931,9 +5082,10 @@ class HistoryStore:
         if run is None:
             return None
         results = []
-        for rec in self.db.execute("SELECT class_name, machine_key, row FROM model_results WHERE run_id=? ORDER BY rowid",
-                                   (run_id,)):
-            results.append({**json.loads(rec["row"]), "runs": self.samples(run_id, rec["class_name"], rec["machine_key"])})
+        for rec in self.db.execute("SELECT class_name, backend, machine_key, row FROM model_results WHERE run_id=? "
+                                   "ORDER BY rowid", (run_id,)):
+            results.append({**json.loads(rec["row"]),
+                            "runs": self.samples(run_id, rec["class_name"], rec["backend"], rec["machine_key"])})
         return {"run_id": run_id, "timestamp": run["timestamp"], "started_at": run["started_at"],
                 "machine_key": run["machine_key"], "environment": json.loads(run["environment"]), "results": results}
 
@@ -4956,9 +5108,9 @@ class HistoryStore:
         found = self.db.execute(
             "SELECT m.run_id, m.warm_median_sec, r.started_at, v.verdict, v.baseline, v.threshold FROM model_results m "
             "JOIN runs r USING (run_id) LEFT JOIN verdicts v ON v.run_id=m.run_id AND v.class_name=m.class_name "
-            "AND v.machine_key=m.machine_key AND v.metric='warm latency' WHERE m.config_key=? AND m.class_name=? "
-            "AND m.machine_key=? AND m.status='ok' AND r.started_at<? ORDER BY r.started_at",
-            (config_key, row["class_name"], row_machine_key(payload, row), payload["started_at"]))
+            "AND v.backend=m.backend AND v.machine_key=m.machine_key AND v.metric='warm latency' WHERE m.config_key=? "
+            "AND m.class_name=? AND m.backend=? AND m.machine_key=? AND m.status='ok' AND r.started_at<? "
+            "ORDER BY r.started_at", (config_key, *self.identity(payload, row), payload["started_at"]))
         return [dict(r) for r in found]
 
 
@@ -5001,8 +5153,8 @@ def judge_model(row: dict, earlier: list[dict], environment: dict) -> list[dict]
     verdicts += drift_verdicts(row, earlier, {v["metric"]: v["verdict"] for v in verdicts})
     changes = environment_changes(environment, earlier[0]["environment"] if earlier else None)
     notes = [f"this run was noisy: {'; '.join(row.get('noise_reasons', []))}"] if row.get("noisy") else []
-    return [{"model_name": row_name(row), "class_name": row["class_name"], **v, "env_changes": changes,
-             "notes": notes} for v in verdicts]
+    return [{"model_name": row_name(row), "class_name": row["class_name"], "backend": row_backend(row), **v,
+             "env_changes": changes, "notes": notes} for v in verdicts]
 
 
 def expected_wall_times(cfg: RunConfig, machine: str) -> dict[str, float]:
@@ -5015,11 +5167,13 @@ def expected_wall_times(cfg: RunConfig, machine: str) -> dict[str, float]:
     try:
         store = HistoryStore(Path(cfg.history))
         try:
-            for cls in cfg.models:
-                row = {"class_name": cls.__name__, "input_size": cls.INPUT_SIZE, "device": fields["device"]}
+            for cls, backend in cfg.units:
+                job = cfg.job(cls, backend)
+                row = {"class_name": cls.__name__, "input_size": cls.INPUT_SIZE, "device": fields["device"],
+                       "runtime": backend}
                 if walls := store.wall_times(short_hash(model_config(fields, row)), cls.__name__, machine,
-                                             cfg.dissect_mode if cfg.dissect else None, ETA_HISTORY_RUNS):
-                    found[cls.__name__] = float(np.median(walls))
+                                             job.dissect_mode if job.dissect else None, ETA_HISTORY_RUNS):
+                    found[run_key(cls.__name__, backend)] = float(np.median(walls))
         finally:
             store.close()
     except (BenchError, sqlite3.Error, OSError):
@@ -5094,7 +5248,8 @@ EXTRA_CSV_COLUMNS = [
     "gpu_own_process", "layer_timing", "parity", "parity_thresholds", "parity_rel_l2_max", "parity_max_abs",
     "parity_nonfinite", "parity_agreement", "parity_note", "parity_first_drift", "reference_sec",
     "parity_recompilations", "model_wall_sec", "runtime", "runtime_version", "runtime_device", "torch_load_sec",
-    "export_sec", "export_mb", "export_cached", "export_exporter", "export_opset",
+    "export_sec", "export_mb", "export_cached", "export_exporter", "export_opset", "baseline_backend",
+    "speedup_vs_baseline",
 ]
 
 
@@ -5144,10 +5299,24 @@ def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, e
         "model_timeout_sec": cfg.model_timeout_sec,
         "history_keep_runs": cfg.history_keep_runs,
         "options_as_run": asdict(cfg.options),
+        "backends": cfg.backends,
         **cfg.executor_info,
         "environment": env,
-        "results": outcome.results,
+        "results": with_speedups(outcome.results, cfg.backends),
     }
+
+
+def with_speedups(rows: list[dict], backends: list[str]) -> list[dict]:
+    """Each ok row's speed-up against the first backend's row of the same model (and node): that
+    row's warm median over this one's (2.0: twice as fast). None where either has no warm median."""
+    baseline = {run_key(r["class_name"], node_label=r.get("node_label")): r.get("warm_median_sec")
+                for r in rows if r["status"] == "ok" and row_backend(r) == backends[0]}
+    for row in rows:
+        base = baseline.get(run_key(row["class_name"], node_label=row.get("node_label")))
+        now = row.get("warm_median_sec") if row["status"] == "ok" else None
+        row["baseline_backend"] = backends[0]
+        row["speedup_vs_baseline"] = base / now if base and now else None
+    return rows
 
 
 def csv_value(value: Any) -> Any:
@@ -5267,6 +5436,23 @@ def runtime_markdown(ok: list[dict]) -> list[str]:
           fmt(r.get("torch_load_sec"), ".2f")] for r in rows])
 
 
+def backends_markdown(ok: list[dict], backends: list[str]) -> list[str]:
+    """Several backends (--backend LIST): each model's rows side by side, speed-ups against the first."""
+    if len(backends) < 2:
+        return []
+    order = {b: i for i, b in enumerate(backends)}
+    rows = sorted(ok, key=lambda r: (r["model_name"], r.get("node_label") or "", order.get(row_backend(r), len(order))))
+    return ["## Backends", "",
+            f"Each model once per backend, in the order given; speed-up: the {backends[0]} row's warm median over "
+            f"this row's (above 1: faster than {backends[0]}). Accuracy: against the fp32 PyTorch reference.", ""] + table(
+        ["Model", "Backend", "Warm median (s)", f"Speed-up vs {backends[0]}", "Cold (s)", "Load (s)", "Export (s)",
+         "Export (MB)", "Accuracy"],
+        [[r["model_name"] + (f" @ {r['node_label']}" if r.get("node_label") else ""), row_backend(r),
+          noisy_mark(r, fmt(r["warm_median_sec"])), fmt(r.get("speedup_vs_baseline"), ".2f") + "x"
+          if r.get("speedup_vs_baseline") else "n/a", fmt(r["cold_inference_sec"]), fmt(r["load_time_sec"], ".2f"),
+          fmt(r.get("export_sec"), ".2f"), fmt(r.get("export_mb"), ".1f"), parity_text(r)] for r in rows])
+
+
 def task_figures_text(task: dict | None) -> str:
     return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in (task or {}).items()
                      if k not in ("agreement", "note") and v is not None) or "-"
@@ -5326,7 +5512,7 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
            f"- Isolation: **{cfg.isolation}**" + (" (each model in a fresh worker process)" if cfg.isolation == "process"
                                                   else " (all models in one process: cold starts depend on the order)"),
            f"- Model timeout: {timeout}",
-           f"- Deployment options: {options_text(cfg.options)} (threads as run: see below)",
+           f"- Deployment options: {options_text(cfg.options, cfg.backends)} (threads as run: see below)",
            f"- Total Execution Time: {payload['total_execution_time_sec']:.2f}s",
            "- Timing: the forward pass alone, perf_counter with CUDA synchronisation; preprocessing and "
            "postprocessing are timed separately below.",
@@ -5356,6 +5542,7 @@ def markdown_text(payload: dict, cfg: RunConfig) -> str:
     md += compute_markdown(ok)
     md += accuracy_markdown(ok)
     md += runtime_markdown(ok)
+    md += backends_markdown(ok, payload.get("backends") or ["torch"])
     varied = [r for r in ok if len({shape_text(i["input_shape"]) for i in r["per_image"]}) > 1]
     if varied:
         md += ["## Per-Image Latency", "", "Models whose input shape differs between images: each image's first "
@@ -5449,10 +5636,10 @@ def compare_rows(a: dict, b: dict) -> tuple[list[dict], bool]:
     from scipy.stats import mannwhitneyu
 
     same_machine = a["machine_key"] == b["machine_key"]
-    rows_b = {r["class_name"]: r for r in b["results"] if r["status"] == "ok"}
+    rows_b = {row_key(r): r for r in b["results"] if r["status"] == "ok"}
     rows = []
     for ra in a["results"]:
-        rb = rows_b.get(ra["class_name"])
+        rb = rows_b.get(row_key(ra))
         if ra["status"] != "ok" or rb is None:
             continue
         wa, wb = warm_samples(ra), warm_samples(rb)
@@ -5468,7 +5655,7 @@ def compare_rows(a: dict, b: dict) -> tuple[list[dict], bool]:
             smallest_p = 2 / math.comb(len(wa) + len(wb), len(wa))
             if smallest_p >= VERDICT_ALPHA:  # e.g. 4 vs 4 warm runs: p can never fall under alpha
                 verdict = f"too few warm runs ({len(wa)} vs {len(wb)}: p >= {smallest_p:.2g} always)"
-        rows.append({"model_name": ra["model_name"], "median_a": ma, "median_b": mb, "ratio": ratio,
+        rows.append({"model_name": row_name(ra), "median_a": ma, "median_b": mb, "ratio": ratio,
                      "p_value": p_value, "verdict": verdict, "mem_a": ra.get("mem_peak_mb"),
                      "mem_b": rb.get("mem_peak_mb"), "params_a": ra.get("total_params"),
                      "params_b": rb.get("total_params")})
@@ -5649,9 +5836,9 @@ def write_plots(rows: list[dict], plots_dir: Path, trends: dict[str, list[dict]]
             draw(ok, plots_dir / f"{name}.png")
             written.append(plots_dir / f"{name}.png")
         for row in ok:
-            points = trends.get(run_key(row["class_name"], row.get("node_label")), [])
+            points = trends.get(row_key(row), [])
             if len(points) >= 2:
-                path = plots_dir / f"trend_{sanitize_layer_name(run_key(row['class_name'], row.get('node_label')))}.png"
+                path = plots_dir / f"trend_{sanitize_layer_name(row_key(row))}.png"
                 plot_trend(row_name(row), points, path)
                 written.append(path)
     except Exception as e:
@@ -5783,9 +5970,11 @@ def print_summary(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, pa
     done = [r for r in outcome.results if r["status"] == "ok"]
     banner("BENCHMARK COMPLETE" if outcome.complete and outcome.exit_code == EXIT_OK else "BENCHMARK INCOMPLETE")
     log(f"Models Benchmarked: {len(done)}", "")
+    if len(cfg.backends) > 1:
+        log(f"Backends: {', '.join(cfg.backends)} (each model once per backend; the counts here are rows)", "")
     for r in outcome.results:
         if r["status"] != "ok":
-            log(f"  {r['class_name']}: {r['status']}", "")
+            log(f"  {row_key(r)}: {r['status']}", "")
     log(f"Test Images: {len(cfg.images)}", "")
     log(f"Inference Runs per Image: {cfg.runs}", "")
     log(f"Total Inference Runs: {len(cfg.images) * cfg.runs * len(done)}", "")
@@ -5952,14 +6141,16 @@ apply();
 def site_points(store: HistoryStore, site_dir: Path) -> dict[tuple[str, str, str], list[dict]]:
     """Every ok result of the history as a chart point, oldest first, keyed (machine, config, class)."""
     verdicts: dict[tuple[str, str, str], dict] = {}
-    for v in store.db.execute("SELECT run_id, class_name, machine_key, metric, verdict, baseline, threshold FROM verdicts"):
-        verdicts.setdefault((v["run_id"], v["class_name"], v["machine_key"]), {})[v["metric"]] = dict(v)
+    for v in store.db.execute("SELECT run_id, class_name, backend, machine_key, metric, verdict, baseline, threshold "
+                              "FROM verdicts"):
+        verdicts.setdefault((v["run_id"], v["class_name"], v["backend"], v["machine_key"]), {})[v["metric"]] = dict(v)
     series: dict[tuple[str, str, str], list[dict]] = {}
     found = store.db.execute(
         "SELECT m.*, r.started_at, r.timestamp, r.environment, r.complete, r.hostname FROM model_results m "
         "JOIN runs r USING (run_id) WHERE m.status='ok' ORDER BY r.started_at")
     for rec in found:
-        row, judged = json.loads(rec["row"]), verdicts.get((rec["run_id"], rec["class_name"], rec["machine_key"]), {})
+        row = json.loads(rec["row"])
+        judged = verdicts.get((rec["run_id"], rec["class_name"], rec["backend"], rec["machine_key"]), {})
         key = (rec["machine_key"], rec["config_key"], rec["class_name"])
         earlier = series.setdefault(key, [])
         node = row.get("node") or {}  # a Ray row ran on its node, not on the machine that started the run
@@ -6198,6 +6389,11 @@ class Placement:
     node: FleetNode | None = None            # pinned (every-node, every-gpu-type)
     allowed: list[FleetNode] | None = None   # spread: the nodes that have the model (None: any)
     skip: str | None = None                  # why it is a skipped row instead of a task
+    backend: str = "torch"                   # --backend: each model's task once per backend
+
+    @property
+    def name(self) -> str:
+        return run_key(self.cls.__name__, self.backend)
 
 
 def gpu_type(node: dict) -> str:
@@ -6206,8 +6402,9 @@ def gpu_type(node: dict) -> str:
     return kind.split(":", 1)[1] if kind else "CPU"
 
 
-def fleet_plan(models: list[type[ModelBenchmark]], nodes: list[FleetNode], fleet: str) -> list[Placement]:
-    """What runs where. spread: each model once, on any node that has it (skipped when none has);
+def fleet_plan(models: list[type[ModelBenchmark]], nodes: list[FleetNode], fleet: str,
+               backends: list[str] = ("torch",)) -> list[Placement]:
+    """What runs where, each placement once per backend (in --backend's order). spread: each model once, on any node that has it (skipped when none has);
     every-node: every model on every node; every-gpu-type: on one node per GPU type, the one
     lacking the fewest models. A model is skipped only where it cannot run, naming the node."""
     if fleet == "spread":
@@ -6217,15 +6414,15 @@ def fleet_plan(models: list[type[ModelBenchmark]], nodes: list[FleetNode], fleet
             reason = "; ".join(f"{n.where}: {n.skips[cls.__name__]}" for n in nodes) if not have else None
             plan.append(Placement(cls, nodes[0].device, nodes[0].gpu, skip=reason,
                                   allowed=have if 0 < len(have) < len(nodes) else None))
-        return plan
+        return [replace(p, backend=b) for p in plan for b in backends]
     if fleet == "every-gpu-type":
         by_type: dict[str, list[FleetNode]] = {}
         for node in nodes:
             by_type.setdefault(gpu_type(node.node), []).append(node)
         nodes = [min(group, key=lambda n: len(n.skips)) for group in by_type.values()]
-    return [Placement(cls, n.device, n.gpu, node=n,
+    return [Placement(cls, n.device, n.gpu, node=n, backend=b,
                       skip=f"{n.where}: {n.skips[cls.__name__]}" if cls.__name__ in n.skips else None)
-            for n in nodes for cls in models]
+            for n in nodes for cls in models for b in backends]
 
 
 def node_selector(nodes: list[FleetNode]) -> dict[str, str]:
@@ -6246,7 +6443,8 @@ def planned_device(placement: Placement) -> str:
 
 def skipped_row(placement: Placement) -> dict:
     """A model no node of its placement can run (the spec's DA-V2 skip), naming where."""
-    row = status_row(placement.cls, "skipped", placement.skip, device=planned_device(placement))
+    row = status_row(placement.cls, "skipped", placement.skip, backend=placement.backend,
+                     device=planned_device(placement))
     return placed_row(row, placement.node) if placement.node else row
 
 
@@ -6257,7 +6455,7 @@ def dead_task_row(placement: Placement, node: FleetNode | None, error: BaseExcep
     first = text.splitlines()[0] if text else type(error).__name__
     where = node.where if node else "no node yet (it died before it started)"
     row = status_row(cls, "crashed", f"{cls.__name__}: the Ray task on {where} died: {type(error).__name__}: {first}",
-                     device=planned_device(placement))
+                     backend=placement.backend, device=planned_device(placement))
     return placed_row(row, node) if node else row
 
 
@@ -6803,7 +7001,7 @@ class RayFleet:
             self.preflight(nodes, script_ref)
             self.info["nodes"] = [{"node_id": n.node_id, "label": n.label, "device": n.device, "ordinal": n.ordinal,
                                    "skipped": sorted(n.skips)} for n in nodes]  # ordinal: see node_ordinals
-            plan = fleet_plan(self.cfg.models, nodes, self.options.fleet)
+            plan = fleet_plan(self.cfg.models, nodes, self.options.fleet, self.cfg.backends)
             if all(p.skip for p in plan):
                 raise UsageError("every selected model would be skipped on every node; nothing to benchmark "
                                  "(see the warnings above)")
@@ -6826,10 +7024,10 @@ class RayFleet:
         for i, placement in enumerate(plan):
             if placement.skip:
                 rows[i] = skipped_row(placement)
-                log(f"Skipping {placement.cls.__name__}: {placement.skip}", "SKIP")
+                log(f"Skipping {placement.name}: {placement.skip}", "SKIP")
                 self.cfg.note_finished(rows[i])
                 continue
-            job = vars(self.cfg.job(placement.cls)) | {"device": placement.device}
+            job = vars(self.cfg.job(placement.cls, placement.backend)) | {"device": placement.device}
             if placement.node is not None:  # the same model on several nodes: a folder per node
                 job["viz_dir"] = str(self.cfg.viz_dir / f"node-{placement.node.node_id[:8]}")
             gen = task.options(**self.task_options(placement)).remote(script_ref, images_ref, job, timeout,
@@ -6872,12 +7070,12 @@ class RayFleet:
             return row
         if "class_name" not in message:  # the task started on its node
             self.started_on[gen] = message["node_id"]
-            self.cfg.note_started(placement.cls, self.node(message["node_id"]).label)
+            self.cfg.note_started(placement.cls, placement.backend, self.node(message["node_id"]).label)
             return None
         node = self.node(message["node_id"])
         node.facts = node.facts or {k: v for k, v in message.get("node", {}).items() if k != "environment"}
         row = placed_row(message, node)
-        log(f"{placement.cls.__name__} on node {row['node_label']}: {row['status']}", "RAY")
+        log(f"{placement.name} on node {row['node_label']}: {row['status']}", "RAY")
         node_viz = row.pop("node_viz", None)
         if node_viz and row.get("viz_dir"):  # node_viz: this task's own folder
             target = self.cfg.viz_dir / f"node-{node.node_id[:8]}" if placement.node else self.cfg.viz_dir
@@ -6907,7 +7105,7 @@ class RayFleet:
         if row.pop("node_viz", None):
             row["viz_dir"] = None
         self.cfg.note_finished(row)
-        log(f"{placement.cls.__name__} on node {row['node_label']}: {row['status']} (finished as the run stopped)", "RAY")
+        log(f"{placement.name} on node {row['node_label']}: {row['status']} (finished as the run stopped)", "RAY")
         return row
 
 
@@ -7021,10 +7219,12 @@ def build_parser() -> ArgumentParser:
                         help="fuse Conv+BN as Ultralytics' predict() does (YOLO, MobileSAM's encoder; no-op elsewhere)")
     deploy.add_argument("--threads", type=positive_int, metavar="N",
                         help="CPU intra-op threads (default: the CPUs this process may use)")
-    deploy.add_argument("--backend", choices=BACKENDS, default="torch",
-                        help="what runs the forward: torch, or the forward exported to ONNX (cached under "
-                             f"<models-dir>/{EXPORTS_DIR_NAME}) run by onnxruntime or openvino on the CPU, each "
-                             "row with its accuracy cost against fp32 PyTorch; tensorrt is refused (default: torch)")
+    deploy.add_argument("--backend", type=parse_backends, default=["torch"], metavar="LIST",
+                        help="what runs the forward, comma separated (each model x backend its own worker and row, "
+                             "the first the report's baseline for speed-ups): torch, or the forward exported to ONNX "
+                             f"(cached under <models-dir>/{EXPORTS_DIR_NAME}) run by onnxruntime or openvino on the "
+                             "CPU, each row with its accuracy cost against fp32 PyTorch; tensorrt is refused "
+                             "(default: torch)")
     deploy.add_argument("--parity-layers", action="store_true",
                         help="for a variant (--dtype/--fuse/--channels-last/--compile): compare every layer with the "
                              "fp32 reference and name the first that drifts (always on with dissection)")
@@ -7218,14 +7418,16 @@ def plain_output():
 
 
 def run_options(args: argparse.Namespace, device: torch.device, on_ray: bool = False) -> RunOptions:
-    """The deployment options, checked against the device (on Ray each node checks its own)."""
+    """The deployment options, checked against the device and --backend (on Ray each node checks
+    its device). A worker's own backend is set per row (RunConfig.job)."""
     options = RunOptions(dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
-                         threads=args.threads, backend=args.backend)
+                         threads=args.threads)
     if not on_ray:
-        options.check(device, UsageError)
-    if missing := missing_backend_packages(options.backend):
-        raise UsageError(f"preflight: --backend {options.backend} needs the Python package(s) {', '.join(missing)}, "
-                         f"which this Python cannot import: pip install {' '.join(missing)}; nothing was run")
+        options.check(device, UsageError, args.backend)
+    for backend in args.backend:
+        if missing := missing_backend_packages(backend):
+            raise UsageError(f"preflight: --backend {backend} needs the Python package(s) {', '.join(missing)}, "
+                             f"which this Python cannot import: pip install {' '.join(missing)}; nothing was run")
     return options
 
 
@@ -7279,11 +7481,14 @@ def run(args: argparse.Namespace) -> int:
                             dissect_filter=args.dissect_filter, dissect_max_mb=args.dissect_max_mb,
                             parity_layers=args.parity_layers,
                             started_at=datetime.now().isoformat(timespec="microseconds"), options=options,
+                            backends=args.backend,
                             history=str(history) if history else None, history_keep_runs=args.history_keep_runs,
                             keep_viz=args.keep_viz,
                             executor_info={"executor": "ray", "fleet": args.fleet} if on_ray else {"executor": "local"})
-            log(f"Run {cfg.timestamp}: {len(classes)} model(s), {len(images)} image(s), {cfg.runs} run(s) per image, "
-                f"{cfg.weights} weights, device {device}, isolation {cfg.isolation}, options {options_text(options)}")
+            per_backend = f" x {len(cfg.backends)} backends" if len(cfg.backends) > 1 else ""
+            log(f"Run {cfg.timestamp}: {len(classes)} model(s){per_backend}, {len(images)} image(s), {cfg.runs} run(s) "
+                f"per image, {cfg.weights} weights, device {device}, isolation {cfg.isolation}, "
+                f"options {options_text(options, cfg.backends)}")
             env = environment(device)
             if not on_ray:  # on a cluster the models run side by side, and a node's own history is elsewhere
                 cfg.expected_wall_sec = expected_wall_times(cfg, machine_key(env))
@@ -7387,7 +7592,7 @@ def recover_run(journal: Path) -> list[Path]:
     dead = read_journal(journal)
     header, ended = dead["header"], dead["ended"]
     cfg = recovered_config(header, journal)
-    lost = lost_models([c.__name__ for c in cfg.models], dead["started"], dead["rows"])
+    lost = lost_models([run_key(c.__name__, b) for c, b in cfg.units], dead["started"], dead["rows"])
     how = "failed to write its reports" if ended else "died before writing its reports"
     log(f"Run {cfg.timestamp} {how}; recovering {len(dead['rows'])} finished model(s) from {journal}"
         + (f"; lost: {', '.join(lost)}" if lost else "")
@@ -7456,7 +7661,7 @@ def judge_against_history(payload: dict, path: Path | None) -> dict[str, list[di
                 judged = [{**v, "machine_key": row_machine_key(payload, row)}
                           for v in judge_model(row, earlier, (row.get("node") or payload)["environment"])]
                 warm = next(v for v in judged if v["metric"] == "warm latency")
-                trends[run_key(row["class_name"], row.get("node_label"))] = (store.trend(payload, row) if store else []) + [
+                trends[row_key(row)] = (store.trend(payload, row) if store else []) + [
                     {"started_at": payload["started_at"], "warm_median_sec": row["warm_median_sec"], **warm}]
                 verdicts += judged
             if store:

@@ -1,6 +1,8 @@
 """--backend: the forward exported to ONNX, run by ONNX Runtime and OpenVINO, with its accuracy cost."""
 
 import json
+import re
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -18,15 +20,54 @@ def only_row(out: Path) -> dict:
 
 def test_what_a_backend_refuses_and_why():
     cpu = ub.RunOptions(backend="onnxruntime")
-    assert ub.backend_problem("torch", "cuda", ub.RunOptions(compile="default")) is None
-    assert ub.backend_problem("onnxruntime", "cpu", cpu) is None
-    assert "needs a CUDA device" in ub.backend_problem("tensorrt", "cpu", ub.RunOptions(backend="tensorrt"))
-    assert "not built" in ub.backend_problem("tensorrt", "cuda", ub.RunOptions(backend="tensorrt"))
-    assert "add --device cpu" in ub.backend_problem("openvino", "cuda", ub.RunOptions(backend="openvino"))
-    both = ub.backend_problem("onnxruntime", "cpu", ub.RunOptions(backend="onnxruntime", compile="default", dtype="bf16"))
-    assert both.startswith("--compile, --dtype bf16 are PyTorch options")
+    assert ub.backend_problem(["torch"], "cuda", ub.RunOptions(compile="default")) is None
+    assert ub.backend_problem(["onnxruntime"], "cpu", cpu) is None
+    assert "needs a CUDA device" in ub.backend_problem(["torch", "tensorrt"], "cpu", ub.RunOptions())
+    assert "not built" in ub.backend_problem(["tensorrt"], "cuda", ub.RunOptions())
+    assert "add --device cpu" in ub.backend_problem(["openvino"], "cuda", ub.RunOptions())
+    both = ub.backend_problem(["onnxruntime"], "cpu", ub.RunOptions(compile="default", dtype="bf16"))
+    assert both.startswith("--compile, --dtype bf16 are PyTorch options") and "add torch to --backend" in both
+    # Beside a torch row they apply to it alone, and the runtime's row says so.
+    assert ub.backend_problem(["torch", "onnxruntime"], "cpu", ub.RunOptions(compile="default")) is None
+    options, notes = ub.backend_options(ub.RunOptions(compile="default", channels_last=True, fuse=True), "onnxruntime")
+    assert (options.backend, options.compile, options.channels_last, options.dtype, options.fuse) == (
+        "onnxruntime", None, False, "fp32", True)  # --fuse changes the module that is exported: it applies
+    assert notes == ["--compile, --channels-last: applied to the torch rows only; onnxruntime runs the model "
+                     "exported in float32"]
+    assert ub.backend_options(ub.RunOptions(compile="default"), "torch")[0].compile == "default"
     # The backend is part of the history's configuration key; torch, the default, is not written out.
     assert ub.RunOptions(backend="openvino").key(2) == {"backend": "openvino"} and ub.RunOptions().key(2) == {}
+
+
+def test_backend_lists_parse_in_order_and_refuse_what_is_not_one():
+    import argparse
+
+    assert ub.parse_backends("torch, onnxruntime,openvino") == ["torch", "onnxruntime", "openvino"]
+    for bad, says in (("torch,onnx", "unknown backend(s) onnx"), ("torch,torch", "named twice"), (",", "unknown")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(says)):
+            ub.parse_backends(bad)
+
+
+def test_a_row_key_keeps_runs_from_before_backends_comparable():
+    """The history's configuration key of a row: its own backend; PyTorch's options left out of a
+    runtime's row (they did not apply); a torch row's key as before --backend existed."""
+    run_options = {"compile": "default", "fuse": True}
+    assert ub.row_options_key(run_options, {"runtime": "torch"}) == run_options
+    assert ub.row_options_key(run_options, {}) == run_options  # a row from before --backend
+    assert ub.row_options_key(run_options, {"runtime": "openvino"}) == {"fuse": True, "backend": "openvino"}
+    # A run of the last version stored its single backend in the run's options.
+    assert ub.row_options_key({"backend": "onnxruntime"}, {"runtime": "onnxruntime"}) == {"backend": "onnxruntime"}
+
+
+def test_speedups_are_against_the_first_backends_row_of_the_same_model():
+    rows = [{"class_name": "A", "status": "ok", "runtime": "torch", "warm_median_sec": 0.3},
+            {"class_name": "A", "status": "ok", "runtime": "onnxruntime", "warm_median_sec": 0.1},
+            {"class_name": "B", "status": "failed", "runtime": "torch"},
+            {"class_name": "B", "status": "ok", "runtime": "onnxruntime", "warm_median_sec": 0.2},
+            {"class_name": "A", "status": "ok", "runtime": "onnxruntime", "warm_median_sec": 0.6, "node_label": "n2"}]
+    got = [r["speedup_vs_baseline"] for r in ub.with_speedups(rows, ["torch", "onnxruntime"])]
+    assert got == [pytest.approx(1.0), pytest.approx(3.0), None, None, None]  # n2 has no torch row of its own
+    assert {r["baseline_backend"] for r in rows} == {"torch"}
 
 
 def test_outputs_rebuilt_from_the_skeleton_keep_their_structure():
@@ -122,3 +163,40 @@ def test_all_eight_models_run_on_onnxruntime_with_parity_ok(tmp_path):
     found = {r["class_name"]: (r["status"], r.get("parity"), r.get("parity_rel_l2_max")) for r in rows}
     assert proc.returncode == 0 and len(rows) == 8, (found, proc.stdout[-3000:], proc.stderr[-3000:])
     assert all(status == "ok" and parity == "ok" for status, parity, _ in found.values()), found
+
+
+def test_a_backend_list_is_a_row_per_model_and_backend_stored_and_judged_apart(tmp_path, capsys, one_image_dir):
+    """--backend torch,onnxruntime twice, in worker processes, with the history: two rows in the
+    given order, speed-ups against the torch row, the dissection once (in the torch row), both rows
+    stored; the second run's --channels-last is the torch row's alone, so only the onnxruntime row
+    finds an earlier run of its configuration."""
+    args = ["--weights", "random", "--runs", "2", "--backend", "torch,onnxruntime", "--models", "yolo11n-detect",
+            "--images", one_image_dir, "--models-dir", tmp_path / "models", "--output-dir", tmp_path / "out"]
+    code, text = run_main(capsys, *args)
+    assert code == 0, text
+    first = load_report(tmp_path / "out")
+    torch_row, ort_row = first["results"]
+    assert (torch_row["runtime"], ort_row["runtime"]) == ("torch", "onnxruntime") and first["backends"] == ["torch", "onnxruntime"]
+    assert ort_row["speedup_vs_baseline"] == pytest.approx(torch_row["warm_median_sec"] / ort_row["warm_median_sec"])
+    assert torch_row["speedup_vs_baseline"] == pytest.approx(1.0) and ort_row["parity"] == "ok"
+    assert torch_row["total_layers_dissected"] > 0 and ort_row["total_layers_dissected"] == 0
+    assert "dissected in its torch row (the same PyTorch module)" in ort_row["notes"]
+    assert "[2/2] YOLO11nDetectBenchmark:onnxruntime" in text
+    md = next((tmp_path / "out" / "results").glob("benchmark_report_*.md")).read_text()
+    assert "| YOLO11n-Detect | onnxruntime |" in md.split("## Backends")[1] and "Speed-up vs torch" in md
+
+    code, text = run_main(capsys, *args, "--channels-last", "--no-dissect")
+    assert code == 0, text
+    second = load_report(tmp_path / "out")
+    assert second["run_id"] != first["run_id"]
+    torch_row, ort_row = second["results"]
+    assert torch_row["channels_last"] is True and ort_row["channels_last"] is False
+    assert "--channels-last: applied to the torch rows only; onnxruntime runs the model exported in float32" in ort_row["notes"]
+    db = sqlite3.connect(tmp_path / "out" / "results" / "history.sqlite")
+    stored = db.execute("SELECT run_id, backend FROM model_results ORDER BY rowid").fetchall()
+    assert stored == [(first["run_id"], "torch"), (first["run_id"], "onnxruntime"),
+                      (second["run_id"], "torch"), (second["run_id"], "onnxruntime")]
+    baselines = dict(db.execute("SELECT backend, baseline_runs FROM verdicts WHERE run_id=? AND metric='warm latency'",
+                                (second["run_id"],)).fetchall())
+    assert baselines == {"torch": 0, "onnxruntime": 1}
+    db.close()

@@ -206,7 +206,7 @@ def test_history_holds_every_run_with_raw_samples(nightly):
     out, _, _, payloads, _ = nightly
     db = sqlite3.connect(out / "results" / "history.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(ub.HISTORY_SCHEMA_VERSION)
     assert db.execute("SELECT count(*) FROM runs").fetchone()[0] == 6
     assert len({r[0] for r in db.execute("SELECT config_key FROM model_results")}) == 1
     assert len({r[0] for r in db.execute("SELECT machine_key FROM runs")}) == 1
@@ -295,7 +295,7 @@ def test_every_node_rows_of_one_model_get_a_trend_plot_each(nightly, tmp_path):
     _, _, _, payloads, _ = nightly
     row = next(r for r in payloads[-1]["results"] if r["status"] == "ok")
     rows = [{**row, "node_label": label} for label in ("host#1", "host#2")]
-    trends = {ub.run_key(row["class_name"], r["node_label"]): [{"started_at": f"2026-01-0{d}T00:00:00",
+    trends = {ub.row_key(r): [{"started_at": f"2026-01-0{d}T00:00:00",
                                                                "warm_median_sec": 0.1 * k * d, "verdict": "no change"}
                                                               for d in (1, 2)] for k, r in enumerate(rows, 1)}
     written = ub.write_plots(rows, tmp_path, trends)
@@ -366,11 +366,14 @@ def test_merge_reports_from_two_output_folders(nightly, tmp_path, capsys, one_im
 
 # -- stores and reports from earlier versions ----------------------------------------------
 
-SCHEMA_V1_AS_RELEASED = ub.HISTORY_SCHEMA_V1  # frozen below once a version 2 exists
+SCHEMA_V1_AS_RELEASED = ub.HISTORY_SCHEMA_V1  # version 1 as created; later versions are migrations
 
 
-def test_a_store_written_with_schema_1_is_read(tmp_path):
-    """A store made with version 1's DDL and rows written by hand, as an older program left it."""
+def test_a_store_written_with_schema_1_is_read_and_upgraded(tmp_path):
+    """A store made with version 1's DDL and rows written by hand, as an older program left it: a
+    torch row and (the version before backend lists) an onnxruntime row of the same run under
+    different machine keys. Upgraded to version 2, each row keeps its samples and verdicts and
+    takes its backend from its row."""
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
     db.executescript(SCHEMA_V1_AS_RELEASED)
@@ -378,19 +381,33 @@ def test_a_store_written_with_schema_1_is_read(tmp_path):
     env = {"hostname": "h", "cpu_model": "c", "torch": "2.4"}
     db.execute("INSERT INTO runs VALUES ('r1', '2026-01-01T03:00:00', '20260101_030000', ?, 'h', ?, 1, 'run')",
                (ub.machine_key(env), json.dumps(env)))
-    row = {"model_name": "YOLO11n-Detect", "class_name": "YOLO11nDetectBenchmark", "status": "ok"}
-    db.execute("INSERT INTO model_results (run_id, class_name, machine_key, model_name, config_key, config, status, "
-               "row) VALUES ('r1', 'YOLO11nDetectBenchmark', 'm', 'YOLO11n-Detect', 'k', '{}', 'ok', ?)",
-               (json.dumps(row),))
-    db.execute("INSERT INTO samples (run_id, class_name, machine_key, image, run, inference_sec) VALUES "
-               "('r1', 'YOLO11nDetectBenchmark', 'm', 'bus.jpg', 1, 0.125)")
+    for machine, runtime, sec in (("m", None, 0.125), ("m2", "onnxruntime", 0.25)):
+        row = {"model_name": "YOLO11n-Detect", "class_name": "YOLO11nDetectBenchmark", "status": "ok",
+               **({"runtime": runtime} if runtime else {})}
+        db.execute("INSERT INTO model_results (run_id, class_name, machine_key, model_name, config_key, config, status, "
+                   "row) VALUES ('r1', 'YOLO11nDetectBenchmark', ?, 'YOLO11n-Detect', 'k', '{}', 'ok', ?)",
+                   (machine, json.dumps(row)))
+        db.execute("INSERT INTO samples (run_id, class_name, machine_key, image, run, inference_sec) VALUES "
+                   "('r1', 'YOLO11nDetectBenchmark', ?, 'bus.jpg', 1, ?)", (machine, sec))
+        db.execute("INSERT INTO verdicts (run_id, class_name, machine_key, metric, verdict) VALUES "
+                   "('r1', 'YOLO11nDetectBenchmark', ?, 'warm latency', ?)", (machine, f"v-{machine}"))
     db.commit()
     db.close()
     store = ub.HistoryStore(path)
     payload = store.payload("r1")
-    store.close()
-    assert payload["results"][0]["runs"][0]["inference_sec"] == 0.125
+    assert store.schema_version() == ub.HISTORY_SCHEMA_VERSION == 2
+    assert [r["runs"][0]["inference_sec"] for r in payload["results"]] == [0.125, 0.25]
     assert payload["environment"]["torch"] == "2.4"
+    assert store.verdicts("r1", "YOLO11nDetectBenchmark", "onnxruntime", "m2") == {"warm latency": "v-m2"}
+    assert store.samples("r1", "YOLO11nDetectBenchmark", "torch", "m")[0]["inference_sec"] == 0.125
+    # The same model on a second backend in one run is a row of its own (version 1's key refused it).
+    store.db.execute("INSERT INTO model_results (run_id, class_name, backend, machine_key, config_key, config, status, "
+                     "row) VALUES ('r1', 'YOLO11nDetectBenchmark', 'openvino', 'm', 'k2', '{}', 'ok', '{}')")
+    store.db.commit()
+    store.close()
+    again = ub.HistoryStore(path)  # opened again: nothing left to upgrade
+    assert again.schema_version() == 2 and len(again.payload("r1")["results"]) == 3
+    again.close()
 
 
 def test_a_store_from_a_newer_program_is_refused_clearly(tmp_path, capsys, one_image_dir):

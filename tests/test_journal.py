@@ -36,8 +36,8 @@ def test_the_journal_is_fsynced_per_entry_and_reads_back(tmp_path, monkeypatch):
     monkeypatch.setattr(ub.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     journal = ub.RunJournal(tmp_path / "journal_x.jsonl", {"config": {"models": ["A", "B", "C"]}})
     assert not (tmp_path / "journal_x.jsonl").exists()  # nothing before the first model: a usage error leaves none
-    for call in (lambda: journal.started("A"), lambda: journal.finished({"class_name": "A", "status": "ok"}),
-                 lambda: journal.started("B")):
+    for call in (lambda: journal.started("A", "torch"), lambda: journal.finished({"class_name": "A", "status": "ok"}),
+                 lambda: journal.started("B", "torch")):
         before = len(synced)
         call()
         assert len(synced) > before  # every entry on disk before the call returns
@@ -52,10 +52,22 @@ def test_the_journal_is_fsynced_per_entry_and_reads_back(tmp_path, monkeypatch):
 def test_every_node_runs_of_one_class_are_told_apart_by_node():
     """--fleet every-node runs a class once per node: a row from one node does not make the other
     node's run of it finished."""
-    started = [ub.run_key("A", "M1"), ub.run_key("A", "M2"), ub.run_key("B", "M1")]
+    started = [ub.run_key("A", node_label="M1"), ub.run_key("A", node_label="M2"), ub.run_key("B", node_label="M1")]
     rows = [{"class_name": "A", "node_label": "M2"}, {"class_name": "C", "node_label": "M1"}]  # C: a skipped row
     assert ub.lost_models(["A", "B", "C", "D"], started, rows) == [
         "A @ M1 (running when the run died)", "B @ M1 (running when the run died)", "D (not started)"]
+
+
+def test_rows_of_one_model_on_several_backends_are_told_apart():
+    """--backend torch,onnxruntime: a model's torch row does not make its onnxruntime row finished;
+    a row from before backends (no runtime field) is the torch row."""
+    started = [ub.run_key("A", "torch"), ub.run_key("A", "onnxruntime")]
+    rows = [{"class_name": "A"}]
+    planned = [ub.run_key(c, b) for c in "AB" for b in ("torch", "onnxruntime")]
+    assert planned == ["A", "A:onnxruntime", "B", "B:onnxruntime"]
+    assert ub.lost_models(planned, started, rows) == [
+        "A:onnxruntime (running when the run died)", "B (not started)", "B:onnxruntime (not started)"]
+    assert ub.row_key({"class_name": "A", "runtime": "openvino", "node_label": "M1"}) == "A:openvino @ M1"
 
 
 def test_a_journal_that_cannot_be_created_is_a_warning_and_leaves_nothing(tmp_path, capsys):
@@ -188,7 +200,7 @@ def test_recover_option_writes_a_dead_runs_reports(tmp_path, one_image_dir, caps
     cfg, journal = journal_of(original, one_image_dir)
     skipped = ub.status_row(cfg.models[0], "skipped", "weights missing")
     journal.finished(skipped)
-    journal.started(cfg.models[1].__name__)
+    journal.started(cfg.models[1].__name__, "torch")
     journal.close()  # the process dies here: nothing else is written
     saved = journal.path.read_bytes()
     original.rename(moved)
