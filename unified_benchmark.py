@@ -3920,11 +3920,15 @@ def row_backend(row: dict) -> str:
     return row.get("runtime") or "torch"
 
 
+def model_backend_name(row: dict) -> str:
+    """A model with its backend when not torch: a row across machines (the merged report)."""
+    backend = row_backend(row)
+    return row["model_name"] + (f" [{backend}]" if backend != "torch" else "")
+
+
 def row_name(row: dict) -> str:
     """A model as the report names it: with its backend when not torch, its node on a cluster."""
-    backend = row_backend(row)
-    return (row["model_name"] + (f" [{backend}]" if backend != "torch" else "")
-            + (f" @ {row['node_label']}" if row.get("node_label") else ""))
+    return model_backend_name(row) + (f" @ {row['node_label']}" if row.get("node_label") else "")
 
 
 def run_key(class_name: str, backend: str = "torch", node_label: str | None = None) -> str:
@@ -5685,9 +5689,9 @@ def comparison_text(a: dict, b: dict, rows: list[dict], same_machine: bool) -> l
 
 def merged_text(payloads: list[dict], labels: list[str], plots: list[str]) -> tuple[str, str]:
     """One report across machines: models x machines, warm medians, memory, speed-up vs the first."""
-    models = list(dict.fromkeys(r["model_name"] for p in payloads for r in p["results"]))
-    cell = {(r["model_name"], i): r for i, p in enumerate(payloads) for r in p["results"] if r["status"] == "ok"}
-    ended = {(r["model_name"], i): r["status"] for i, p in enumerate(payloads) for r in p["results"]
+    models = list(dict.fromkeys(model_backend_name(r) for p in payloads for r in p["results"]))
+    cell = {(model_backend_name(r), i): r for i, p in enumerate(payloads) for r in p["results"] if r["status"] == "ok"}
+    ended = {(model_backend_name(r), i): r["status"] for i, p in enumerate(payloads) for r in p["results"]
              if r["status"] != "ok"}
 
     def shown(model: str, i: int, text: str) -> str:  # a model that did not finish there says how it ended
@@ -5849,12 +5853,12 @@ def write_plots(rows: list[dict], plots_dir: Path, trends: dict[str, list[dict]]
 def plot_merged(payloads: list[dict], labels: list[str], path: Path) -> bool:
     """Warm medians of every model on every machine as grouped bars (log scale)."""
     try:
-        models = list(dict.fromkeys(r["model_name"] for p in payloads for r in p["results"] if r["status"] == "ok"))
+        models = list(dict.fromkeys(model_backend_name(r) for p in payloads for r in p["results"] if r["status"] == "ok"))
         fig = new_figure(len(models) * len(payloads) // 2 + 2)
         ax = fig.add_subplot()
         height = 0.8 / len(payloads)
         for i, (payload, label) in enumerate(zip(payloads, labels)):
-            by_model = {r["model_name"]: r for r in payload["results"] if r["status"] == "ok"}
+            by_model = {model_backend_name(r): r for r in payload["results"] if r["status"] == "ok"}
             values = [(by_model[m].get("warm_median_sec") or by_model[m]["avg_inference_sec"]) if m in by_model else 0
                       for m in models]
             ax.barh(np.arange(len(models)) + i * height, values, height=height, label=f"M{i + 1}: {label}")
