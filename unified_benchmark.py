@@ -7223,7 +7223,7 @@ def build_parser() -> ArgumentParser:
                         help="fuse Conv+BN as Ultralytics' predict() does (YOLO, MobileSAM's encoder; no-op elsewhere)")
     deploy.add_argument("--threads", type=positive_int, metavar="N",
                         help="CPU intra-op threads (default: the CPUs this process may use)")
-    deploy.add_argument("--backend", type=parse_backends, default=["torch"], metavar="LIST",
+    deploy.add_argument("--backend", type=parse_backends, default="torch", metavar="LIST",  # argparse parses a string default
                         help="what runs the forward, comma separated (each model x backend its own worker and row, "
                              "the first the report's baseline for speed-ups): torch, or the forward exported to ONNX "
                              f"(cached under <models-dir>/{EXPORTS_DIR_NAME}) run by onnxruntime or openvino on the "
