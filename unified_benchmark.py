@@ -2711,6 +2711,10 @@ EXPORT_FILE_NAME = "model.onnx"
 EXPORT_META_NAME = "export.json"
 
 
+# PyTorch's own options, as a runtime's row runs them (the exported graph is float32 and eager).
+TORCH_ONLY_DEFAULTS = {"dtype": "fp32", "compile": None, "channels_last": False}
+
+
 def torch_only_flags(options: "RunOptions") -> list[str]:
     """The PyTorch options among these (a runtime runs the model exported in float32, eager)."""
     return [flag for flag, on in (("--compile", options.compile), ("--channels-last", options.channels_last),
@@ -2741,7 +2745,7 @@ def backend_options(options: "RunOptions", backend: str) -> tuple["RunOptions", 
     if backend == "torch":
         return replace(options, backend="torch"), []
     flags = torch_only_flags(options)
-    clean = replace(options, backend=backend, dtype="fp32", compile=None, channels_last=False)
+    clean = replace(options, backend=backend, **TORCH_ONLY_DEFAULTS)
     return clean, [f"{', '.join(flags)}: applied to the torch rows only; {backend} runs the model exported "
                    f"in float32"] if flags else []
 
@@ -4676,7 +4680,7 @@ def row_options_key(run_options: dict, row: dict) -> dict:
     key = {k: v for k, v in run_options.items() if k != "backend"}
     if backend == "torch":
         return key
-    return {**{k: v for k, v in key.items() if k not in ("dtype", "compile", "channels_last")}, "backend": backend}
+    return {**{k: v for k, v in key.items() if k not in TORCH_ONLY_DEFAULTS}, "backend": backend}
 
 
 def robust_cv(values: list[float]) -> float:
@@ -5313,10 +5317,13 @@ def report_payload(outcome: RunOutcome, cfg: RunConfig, total_time_sec: float, e
 def with_speedups(rows: list[dict], backends: list[str]) -> list[dict]:
     """Each ok row's speed-up against the first backend's row of the same model (and node): that
     row's warm median over this one's (2.0: twice as fast). None where either has no warm median."""
-    baseline = {run_key(r["class_name"], node_label=r.get("node_label")): r.get("warm_median_sec")
+    def model_on_node(row: dict) -> str:
+        return run_key(row["class_name"], node_label=row.get("node_label"))
+
+    baseline = {model_on_node(r): r.get("warm_median_sec")
                 for r in rows if r["status"] == "ok" and row_backend(r) == backends[0]}
     for row in rows:
-        base = baseline.get(run_key(row["class_name"], node_label=row.get("node_label")))
+        base = baseline.get(model_on_node(row))
         now = row.get("warm_median_sec") if row["status"] == "ok" else None
         row["baseline_backend"] = backends[0]
         row["speedup_vs_baseline"] = base / now if base and now else None
@@ -6408,7 +6415,8 @@ def gpu_type(node: dict) -> str:
 
 def fleet_plan(models: list[type[ModelBenchmark]], nodes: list[FleetNode], fleet: str,
                backends: list[str] = ("torch",)) -> list[Placement]:
-    """What runs where, each placement once per backend (in --backend's order). spread: each model once, on any node that has it (skipped when none has);
+    """What runs where, each placement once per backend (in --backend's order). spread: each model
+    once, on any node that has it (skipped when none has);
     every-node: every model on every node; every-gpu-type: on one node per GPU type, the one
     lacking the fewest models. A model is skipped only where it cannot run, naming the node."""
     if fleet == "spread":
