@@ -488,6 +488,33 @@ def layer_timing_pass(device_type: str) -> str:
     return "separate pass" if device_type == "cuda" else "capture pass"
 
 
+MEMORY_KINDS = {"process_rss": "rss_mb", "cuda_allocated": "cuda_allocated_mb", "gpu_process_nvml": "gpu_process_mb"}
+
+
+def memory_kind(device_type: str, backend: str) -> str:
+    """What a row's mem_* figures are: process RSS on the CPU; on CUDA the torch allocator's
+    allocated memory for PyTorch, NVML's figure for the whole process for a runtime (the allocator
+    does not see ONNX Runtime's or TensorRT's allocations)."""
+    if device_type != "cuda":
+        return "process_rss"
+    return "cuda_allocated" if backend == "torch" else "gpu_process_nvml"
+
+
+def own_gpu_process_mb(procs: list[tuple[int, float | None]], own_pid: int) -> float | None:
+    """Our process's GPU memory in NVML's (pid, used MB) list: by PID, or the only process listed;
+    None when neither tells it apart (not by a memory match: a runtime's memory is beyond what our
+    allocator reserved, so a smaller process of someone else's would match) or NVML does not say."""
+    others, _ = other_gpu_processes(procs, own_pid, None)
+    own = [used for pid, used in procs if pid not in others]
+    return own[0] if len(own) == 1 else None
+
+
+def cuda_events_time(device_type: str, backend: str) -> bool:
+    """Whether CUDA events on torch's stream time the forward: not a runtime's, which runs on
+    streams of its own (its span is the host clock after a device-wide synchronise)."""
+    return device_type == "cuda" and backend == "torch"
+
+
 # -- calls ------------------------------------------------------------------------------
 
 
@@ -569,6 +596,12 @@ def cuda_device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
+def cuda_capability(device: torch.device) -> str:
+    """The device's compute capability as 'major.minor' (a TensorRT engine is built for one)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
+
+
 def cuda_tf32_flags() -> dict[str, bool | None]:
     """Whether fp32 convolutions (cuDNN) and matmuls (cuBLAS) may run on TF32 tensor cores; None
     when torch will not say. torch >= 2.9 keeps the setting in `fp32_precision` ('tf32', 'ieee', or
@@ -647,6 +680,14 @@ class GpuMonitor:
             others, how = other_gpu_processes(listed, os.getpid(), cuda_memory_mb(self.device)[1])
         return {"sm_clock_mhz": clocks, "throttle_reasons": reasons, "other_gpu_pids": others, "own_process_by": how}
 
+    def process_used_mb(self) -> float | None:
+        """This process's GPU memory as NVML sees it (every allocator's, the CUDA context included)."""
+        procs = self._read("nvmlDeviceGetComputeRunningProcesses")
+        if procs is None:
+            return None
+        listed = [(p.pid, None if p.usedGpuMemory is None else p.usedGpuMemory / 1024**2) for p in procs]
+        return own_gpu_process_mb(listed, os.getpid())
+
     def power_limit_w(self) -> float | None:
         limit = self._read("nvmlDeviceGetEnforcedPowerLimit")
         return limit / 1000 if limit is not None else None
@@ -708,26 +749,33 @@ def release_host_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def get_memory_usage(device: torch.device) -> dict[str, float | None]:
-    """One memory checkpoint: process RSS, and on CUDA the allocator's allocated/reserved."""
-    snap: dict[str, float | None] = {"rss_mb": to_mb(rss_bytes()), "cuda_allocated_mb": None, "cuda_reserved_mb": None}
+def get_memory_usage(device: torch.device, gpu: GpuMonitor | None = None) -> dict[str, float | None]:
+    """One memory checkpoint: process RSS; on CUDA the allocator's allocated/reserved, and with a
+    GPU monitor the process's GPU memory from NVML."""
+    snap: dict[str, float | None] = {"rss_mb": to_mb(rss_bytes()), "cuda_allocated_mb": None,
+                                     "cuda_reserved_mb": None, "gpu_process_mb": None}
     if device.type == "cuda":
         snap["cuda_allocated_mb"], snap["cuda_reserved_mb"] = cuda_memory_mb(device)
+        snap["gpu_process_mb"] = gpu.process_used_mb() if gpu else None
     return snap
 
 
-def headline_mb(snap: dict[str, float | None], device: torch.device) -> float | None:
-    """The figure the spec's mem_* fields hold: CUDA allocated on a GPU, process RSS on the CPU."""
-    return snap["cuda_allocated_mb"] if device.type == "cuda" else snap["rss_mb"]
+def headline_mb(snap: dict[str, float | None], kind: str) -> float | None:
+    """The figure the spec's mem_* fields hold, of the row's memory_kind."""
+    return snap[MEMORY_KINDS[kind]]
 
 
 class PeakMemory:
-    """Peak memory over one span: CUDA max_memory_allocated and the process VmHWM."""
+    """Peak memory over one span: CUDA max_memory_allocated and the process VmHWM; for a runtime on
+    CUDA, NVML's process figure at the span's end (NVML keeps no peak: a runtime's arena holds its
+    peak, so the figure after the forward is its high-water mark)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, kind: str | None = None, gpu: GpuMonitor | None = None):
+        self.device, self.gpu = device, gpu
+        self.kind = kind or memory_kind(device.type, "torch")
         self.rss_peak_mb: float | None = None
         self.cuda_peak_mb: float | None = None
+        self.gpu_process_mb: float | None = None
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -738,12 +786,14 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             self.cuda_peak_mb = cuda_peak_allocated_mb(self.device)
+            self.gpu_process_mb = self.gpu.process_used_mb() if self.gpu else None
         # Without a reset (non-Linux) VmHWM is the lifetime peak, still an upper bound.
         self.rss_peak_mb = to_mb(rss_peak_bytes() or rss_bytes())
 
     @property
     def headline_mb(self) -> float | None:
-        return self.cuda_peak_mb if self.device.type == "cuda" else self.rss_peak_mb
+        return headline_mb({"rss_mb": self.rss_peak_mb, "cuda_allocated_mb": self.cuda_peak_mb,
+                            "gpu_process_mb": self.gpu_process_mb}, self.kind)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -1845,6 +1895,8 @@ class ModelBenchmark(ABC):
         self.options = options or RunOptions()
         self._compiled: Callable[[Any], Any] | None = None
         self.runtime: RuntimeForward | None = None  # --backend other than torch: what run_forward runs
+        self.mem_kind = memory_kind(device.type, self.options.backend)
+        self.gpu: GpuMonitor | None = None  # set once the runtime is up: NVML's process memory for runtime rows
         self.weights = weights
         self.models_dir = Path(models_dir) if models_dir else SCRIPT_DIR / "models"
         self.random_checkpoint = random_checkpoint
@@ -1942,7 +1994,7 @@ class ModelBenchmark(ABC):
 
     def fed_shape(self, inputs: Any) -> list[int]:
         """The first input's shape, from feed()'s result."""
-        return list(next(iter(inputs.values())).shape) if self.runtime else list(first_tensor(inputs)[0].shape)
+        return self.runtime.fed_shape(inputs) if self.runtime else list(first_tensor(inputs)[0].shape)
 
     def run_forward(self, inputs: Any, eager: bool = False) -> Any:
         """The forward as deployed: the runtime's on feed()'s arrays with --backend, else autocast
@@ -1992,8 +2044,8 @@ class ModelBenchmark(ABC):
 
     def infer(self, image: Image.Image) -> dict:
         """One timed run: preprocess, forward, postprocess, each timed with CUDA sync."""
-        span = CudaSpan() if self.device.type == "cuda" else None
-        with PeakMemory(self.device) as peak:
+        span = CudaSpan() if cuda_events_time(self.device.type, self.options.backend) else None
+        with PeakMemory(self.device, self.mem_kind, self.gpu) as peak:
             t0 = clock(self.device)
             inputs = self.feed(image)
             t1 = clock(self.device)
@@ -2700,7 +2752,8 @@ def check_requirements(benches: list[ModelBenchmark]) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------------------
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
-BACKEND_PACKAGES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}  # pip names
+BACKEND_PACKAGES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino"),  # import names
+                    "tensorrt": ("onnx", "onnxruntime")}  # ONNX Runtime's TensorRT provider
 # torch.onnx.export's two exporters, in the order tried, each with its pinned opset: the TorchScript
 # one (dynamo=False) first, it needs nothing more; the dynamo one (onnxscript, opset 18 at least)
 # where it cannot export a model (MobileSAM's LayerNorm2d reads its shape as a tensor).
@@ -2725,12 +2778,11 @@ def backend_problem(backends: list[str], device_type: str, options: "RunOptions"
     """Why these backends cannot run with these options on this device (a usage error), or None.
     PyTorch's own options beside a runtime are a problem only without a torch row to apply them to."""
     for backend in backends:
-        if backend == "tensorrt":
-            return ("--backend tensorrt needs a CUDA device (TensorRT runs on NVIDIA GPUs only)" if device_type != "cuda"
-                    else "--backend tensorrt is not built in this version: use --backend torch on CUDA")
-        if backend != "torch" and device_type != "cpu":
-            return (f"--backend {backend} runs on the CPU in this version (its CUDA execution is not built): "
-                    f"add --device cpu")
+        if backend == "tensorrt" and device_type != "cuda":
+            return "--backend tensorrt needs a CUDA device (TensorRT runs on NVIDIA GPUs only): add --device cuda"
+        if backend == "openvino" and device_type != "cpu":
+            return ("--backend openvino runs on the CPU (OpenVINO's GPU device is an Intel GPU's): add --device cpu, "
+                    "or use onnxruntime or tensorrt on CUDA")
     runtimes = [b for b in backends if b != "torch"]
     if runtimes and "torch" not in backends and (flags := torch_only_flags(options)):
         return (f"{', '.join(flags)} {'is a PyTorch option' if len(flags) == 1 else 'are PyTorch options'}, "
@@ -2765,6 +2817,24 @@ def parse_backends(text: str) -> list[str]:
 def missing_backend_packages(backend: str) -> list[str]:
     """The pip packages a backend needs that this Python cannot import (a preflight problem)."""
     return [name for name in BACKEND_PACKAGES.get(backend, ()) if not module_available(name)]
+
+
+def backend_preflight(backends: list[str], device_type: str) -> list[str]:
+    """What this Python lacks for the backends on this device: a package, or (on CUDA) ONNX
+    Runtime's GPU provider. Here before a local run, on each node before a Ray run."""
+    problems = []
+    for backend in backends:
+        if missing := missing_backend_packages(backend):
+            install = [f"{name}-gpu tensorrt" if backend == "tensorrt" and name == "onnxruntime" else name
+                       for name in missing]  # onnxruntime-gpu is imported as onnxruntime
+            problems.append(f"--backend {backend} needs the Python package(s) {', '.join(missing)}, which this Python "
+                            f"cannot import: pip install {' '.join(install)}")
+        elif backend in GPU_PROVIDERS and device_type == "cuda":
+            import onnxruntime as ort
+
+            if problem := provider_problem(backend, device_type, ort.get_available_providers()):
+                problems.append(problem)
+    return problems
 
 
 def output_skeleton(value: Any, leaves: list[torch.Tensor]) -> Any:
@@ -2936,10 +3006,86 @@ def write_onnx(graph: FlatForward, tensors: tuple[torch.Tensor, ...], folder: Pa
         return "dynamo", failed + ": the dynamo exporter was used"
 
 
+CPU_PROVIDER = "CPUExecutionProvider"
+GPU_PROVIDERS = {"onnxruntime": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}  # on CUDA
+ENGINES_DIR_NAME = "engines"  # under the models folder: TensorRT engines and timing caches, one folder per key
+
+
+def ort_providers(backend: str, device: torch.device, engine_dir: Path | None) -> list[tuple[str, dict]]:
+    """ONNX Runtime's execution providers for a row, most preferred first: the CPU's on the CPU;
+    on CUDA the row's GPU provider on the row's device index (CUDA's ordinal, as torch's), CUDA's
+    behind TensorRT for the nodes TensorRT cannot run, the CPU's last. TensorRT caches its engines
+    and its timing cache in engine_dir."""
+    if device.type != "cuda":
+        return [(CPU_PROVIDER, {})]
+    index = str(device.index)
+    chain = [("CUDAExecutionProvider", {"device_id": index}), (CPU_PROVIDER, {})]
+    if backend == "tensorrt":
+        chain.insert(0, ("TensorrtExecutionProvider", {
+            "device_id": index, "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(engine_dir),
+            "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(engine_dir)}))
+    return chain
+
+
+def provider_problem(backend: str, device_type: str, available: list[str]) -> str | None:
+    """Why this onnxruntime cannot run the backend on this device (a preflight problem), or None."""
+    wanted = GPU_PROVIDERS.get(backend) if device_type == "cuda" else None
+    if wanted is None or wanted in available:
+        return None
+    install = "pip install onnxruntime-gpu tensorrt" if backend == "tensorrt" else "pip install onnxruntime-gpu"
+    return (f"--backend {backend} on CUDA needs ONNX Runtime's {wanted}, and this onnxruntime offers only "
+            f"{', '.join(available)}: pip uninstall -y onnxruntime; {install}")
+
+
+def provider_fallback_problem(asked: str, created: list[str]) -> str | None:
+    """ONNX Runtime drops a provider it cannot create (a missing CUDA or cuDNN library) with a log
+    line, and runs every node on the CPU: that is a failed load, never a silently CPU-run row."""
+    if asked in created:
+        return None
+    return (f"ONNX Runtime did not create {asked} (it created {', '.join(created)} only), so every node would run on "
+            f"the CPU: the CUDA, cuDNN or TensorRT libraries it needs are missing or of another version")
+
+
+def node_placement(assignment: list[tuple[str, list[str]]], asked: str) -> dict:
+    """Which provider runs how many of the graph's nodes (assignment: (provider, [op type]) per
+    subgraph), and, when a GPU provider was asked for, the nodes left on the CPU and their op types:
+    a node run on the CPU is host time inside a GPU row's figures."""
+    by_provider: collections.Counter = collections.Counter()
+    cpu_ops: collections.Counter = collections.Counter()
+    for provider, ops in assignment:
+        by_provider[provider] += len(ops)
+        if provider == CPU_PROVIDER:
+            cpu_ops.update(ops)
+    gpu_asked = asked != CPU_PROVIDER
+    return {"runtime_nodes_by_provider": dict(by_provider),
+            "runtime_cpu_nodes": sum(cpu_ops.values()) if gpu_asked else None,
+            "runtime_cpu_node_ops": dict(cpu_ops.most_common()) if gpu_asked else None}
+
+
+def engine_folder(engines_dir: Path, export_path: str, facts: dict) -> Path:
+    """Where TensorRT's engines for one export live: keyed by the export (its folder is its key),
+    onnxruntime's version and the GPU (name, compute capability); TensorRT checks its own files too."""
+    key = json.dumps({"export": Path(export_path).parent.name, **facts}, sort_keys=True)
+    return engines_dir / f"{Path(export_path).parent.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def engine_cache_hit(files_before: set[str], files_after: set[str]) -> bool:
+    """Whether the engine build read cached engines only: there were some, and none was added."""
+    return bool(files_before) and files_after <= files_before
+
+
+@dataclass
+class BoundInputs:
+    """feed()'s result for ONNX Runtime: the IO binding, and the tensors it points into (kept alive)."""
+
+    binding: Any
+    tensors: dict[str, torch.Tensor]
+
+
 class RuntimeForward:
-    """A runtime behind ModelBenchmark.run_forward: feed() turns the prepared inputs into arrays
-    (in the preprocessing span), run() is the forward the latency figures time, unpack() turns
-    its arrays into the outputs postprocess() reads (in the postprocessing span)."""
+    """A runtime behind ModelBenchmark.run_forward: feed() turns the prepared inputs into what the
+    runtime reads (in the preprocessing span), run() is the forward the latency figures time,
+    unpack() turns its results into the tensors postprocess() reads (in the postprocessing span)."""
 
     name = ""
 
@@ -2948,38 +3094,76 @@ class RuntimeForward:
         self.graph_inputs: list[str] = []  # what the graph reads: the exporter drops an input it never uses
         self.info: dict = {}
 
-    def feed(self, inputs: Any) -> dict[str, np.ndarray]:
+    def input_tensors(self, inputs: Any) -> dict[str, torch.Tensor]:
         tensors = dict(zip(self.input_names, input_leaves(inputs)[1]))
-        return {name: tensors[name].detach().cpu().numpy() for name in self.graph_inputs}
+        return {name: tensors[name].detach().contiguous() for name in self.graph_inputs}
 
-    def run(self, fed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def feed(self, inputs: Any) -> Any:
+        return {name: tensor.cpu().numpy() for name, tensor in self.input_tensors(inputs).items()}
+
+    def fed_shape(self, fed: Any) -> list[int]:
+        return list(next(iter(fed.values())).shape)
+
+    def run(self, fed: Any) -> list[Any]:
         raise NotImplementedError
 
-    def unpack(self, arrays: list[np.ndarray]) -> Any:
+    def unpack(self, arrays: list[Any]) -> Any:
         return rebuild_outputs(self.skeleton, [torch.from_numpy(a) for a in arrays])
 
 
 class OnnxRuntimeForward(RuntimeForward):
-    """ONNX Runtime's CPU execution provider, --threads intra-op threads, every graph optimisation."""
+    """ONNX Runtime with every graph optimisation: on the CPU its CPU provider with --threads
+    intra-op threads; on CUDA the CUDA provider (tensorrt: TensorRT's, engines cached). Inputs and
+    outputs are bound where the row runs (IO binding, DLPack both ways): no host copy in the forward."""
 
-    name = "onnxruntime"
-
-    def __init__(self, export: dict, threads: int):
+    def __init__(self, export: dict, threads: int, device: torch.device, engine_dir: Path | None,
+                 backend: str = "onnxruntime"):
         import onnxruntime as ort
 
         super().__init__(export)
+        self.name, self.ort, self.device = backend, ort, device
         settings = ort.SessionOptions()
         settings.intra_op_num_threads = threads
         settings.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         settings.log_severity_level = 3  # errors only: its warnings are not ASCII console lines of ours
-        self.session = ort.InferenceSession(export["path"], settings, providers=["CPUExecutionProvider"])
+        placement_known = hasattr(ort.InferenceSession, "get_provider_graph_assignment_info")
+        if placement_known:
+            settings.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        providers = ort_providers(backend, device, engine_dir)
+        self.session = ort.InferenceSession(export["path"], settings, providers=providers)
+        if problem := provider_fallback_problem(providers[0][0], self.session.get_providers()):
+            raise BenchError(problem)
         self.graph_inputs = [i.name for i in self.session.get_inputs()]
-        self.info = {"runtime_version": ort.__version__, "runtime_device": "CPU",
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.binding_device = ("cuda", device.index) if device.type == "cuda" else ("cpu", 0)
+        placement = node_placement([(g.ep_name, [n.op_type for n in g.get_nodes()])
+                                    for g in self.session.get_provider_graph_assignment_info()],
+                                   providers[0][0]) if placement_known else {
+            "runtime_nodes_by_provider": None, "runtime_cpu_nodes": None, "runtime_cpu_node_ops": None}
+        self.info = {"runtime_version": ort.__version__, "runtime_device": str(device).upper(), **placement,
                      "runtime_settings": {"providers": self.session.get_providers(), "intra_op_threads": threads,
-                                          "graph_optimization": "ORT_ENABLE_ALL"}}
+                                          "graph_optimization": "ORT_ENABLE_ALL", "io_binding": ":".join(map(str, self.binding_device)),
+                                          **({"engine_cache": str(engine_dir)} if backend == "tensorrt" else {})}}
 
-    def run(self, fed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, fed)
+    def feed(self, inputs: Any) -> BoundInputs:
+        tensors = self.input_tensors(inputs)
+        binding = self.session.io_binding()
+        for name, tensor in tensors.items():
+            binding.bind_ortvalue_input(name, self.ort.OrtValue.from_dlpack(tensor))  # shares the tensor's memory
+        for name in dict.fromkeys(self.output_names):  # a tensor the model returns twice is one graph output, bound once
+            binding.bind_output(name, *self.binding_device)  # ONNX Runtime allocates it there
+        return BoundInputs(binding, tensors)
+
+    def fed_shape(self, fed: BoundInputs) -> list[int]:
+        return list(next(iter(fed.tensors.values())).shape)
+
+    def run(self, fed: BoundInputs) -> list[Any]:
+        self.session.run_with_iobinding(fed.binding)
+        return fed.binding.get_outputs()  # one per bound name, in binding order
+
+    def unpack(self, values: list[Any]) -> Any:
+        by_name = {name: torch.from_dlpack(v) for name, v in zip(dict.fromkeys(self.output_names), values)}  # no copy
+        return rebuild_outputs(self.skeleton, [by_name[name] for name in self.output_names])
 
 
 class OpenVinoForward(RuntimeForward):
@@ -2987,7 +3171,7 @@ class OpenVinoForward(RuntimeForward):
 
     name = "openvino"
 
-    def __init__(self, export: dict, threads: int):
+    def __init__(self, export: dict, threads: int, device: torch.device, engine_dir: Path | None):
         import openvino as ov
 
         super().__init__(export)
@@ -3013,7 +3197,9 @@ def openvino_text(value: Any) -> str:
     return value.to_string() if hasattr(value, "to_string") else str(value)
 
 
-RUNTIMES: dict[str, Callable[[dict, int], RuntimeForward]] = {"onnxruntime": OnnxRuntimeForward, "openvino": OpenVinoForward}
+RUNTIMES: dict[str, Callable[..., RuntimeForward]] = {
+    "onnxruntime": OnnxRuntimeForward, "openvino": OpenVinoForward,
+    "tensorrt": functools.partial(OnnxRuntimeForward, backend="tensorrt")}
 
 
 # --------------------------------------------------------------------------------------
@@ -3534,7 +3720,14 @@ def snapshot_fields(label: str, snap: dict[str, float | None]) -> dict[str, floa
         f"rss_{label}_mb": snap["rss_mb"],
         f"cuda_allocated_{label}_mb": snap["cuda_allocated_mb"],
         f"cuda_reserved_{label}_mb": snap["cuda_reserved_mb"],
+        f"gpu_process_{label}_mb": snap["gpu_process_mb"],
     }
+
+
+def mb_delta(later: dict[str, float | None], earlier: dict[str, float | None], kind: str) -> float | None:
+    """later's headline figure minus earlier's; None when either is unknown (NVML not there)."""
+    a, b = headline_mb(later, kind), headline_mb(earlier, kind)
+    return None if a is None or b is None else a - b
 
 
 def timed_phase(progress: ModelProgress, phase: str, device: torch.device, work: Callable[[], Any]) -> tuple[float, Any]:
@@ -3557,7 +3750,7 @@ def timed_runs(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress) -
             records.append(record)
             progress.update(rss_peak_mb=max(filter(None, [progress.rss_peak_mb, record["peak_rss_mb"]]), default=None))
             log(f"[INFER {len(records)}/{total}] {path.name} | Time: {record['inference_sec']:.3f}s | "
-                f"Peak Memory: {record['peak_mb']:.0f} MB | pre {record['preprocess_sec']:.3f}s "
+                f"Peak Memory: {fmt(record['peak_mb'], '.0f')} MB | pre {record['preprocess_sec']:.3f}s "
                 f"post {record['postprocess_sec']:.3f}s" + runs_time_left(job.eta, records, total), "")
     return records
 
@@ -3743,11 +3936,13 @@ def model_compute(bench: ModelBenchmark, image: Image.Image, stats: dict, gpu: G
 def runtime_phases(bench: ModelBenchmark, job: WorkerJob, image: Image.Image, progress: ModelProgress,
                    torch_load_sec: float) -> dict:
     """--backend: export the loaded module (its own phase, never a sample), then create the
-    runtime's session: the row's load time (the PyTorch module's is torch_load_sec)."""
-    backend, exports_dir = bench.options.backend, Path(job.models_dir) / EXPORTS_DIR_NAME
+    runtime's session: the row's load time (the PyTorch module's is torch_load_sec); tensorrt
+    then builds its engines (engine_build)."""
+    backend, models_dir = bench.options.backend, Path(job.models_dir)
     if backend == "torch":
         return {}
-    export_sec, export = timed_phase(progress, "export", bench.device, lambda: export_onnx(bench, image, exports_dir))
+    export_sec, export = timed_phase(progress, "export", bench.device,
+                                     lambda: export_onnx(bench, image, models_dir / EXPORTS_DIR_NAME))
     if export["note"]:
         log(f"{type(bench).__name__}: {export['note']}", "WARNING")
     if export["exporter_fallback"]:
@@ -3755,14 +3950,76 @@ def runtime_phases(bench: ModelBenchmark, job: WorkerJob, image: Image.Image, pr
     log(f"ONNX export ({export['exporter']} exporter, opset {export['opset']}): {export['mb']:.1f} MB in {export_sec:.2f}s"
         f"{' (cached: ' + export['path'] + ')' if export['cached'] else ''}; not a latency sample", "EXPORT")
     threads = bench.options.threads or usable_cpus()
-    load_sec, bench.runtime = timed_phase(progress, "load", bench.device, lambda: RUNTIMES[backend](export, threads))
-    log(f"{backend} {bench.runtime.info['runtime_version']} session created in {load_sec:.2f}s "
-        f"({bench.runtime.info['runtime_settings']})", "LOAD")
+    engine_dir = engine_dir_for(bench.device, models_dir, export["path"]) if backend == "tensorrt" else None
+    engines_before = folder_files(engine_dir)
+    load_sec, bench.runtime = timed_phase(progress, "load", bench.device,
+                                          lambda: RUNTIMES[backend](export, threads, bench.device, engine_dir))
+    info = bench.runtime.info
+    log(f"{backend} {info['runtime_version']} session created in {load_sec:.2f}s on {info['runtime_device']} "
+        f"({info['runtime_settings']})", "LOAD")
+    log_node_placement(type(bench).__name__, info)
+    engine = engine_build(bench, job, progress, engine_dir, engines_before) if engine_dir else {}
     return {"torch_load_sec": torch_load_sec, "load_time_sec": load_sec, "export_sec": export_sec, "export_mb": export["mb"],
             "export_cached": export["cached"], "export_note": export["note"], "export_exporter": export["exporter"],
             "export_fallback": export["exporter_fallback"],
-            "export_opset": export["opset"], "export_path": export["path"], **bench.runtime.info,
+            "export_opset": export["opset"], "export_path": export["path"], **info, **engine,
             "dissect_note": f"on the PyTorch module: {backend} runs the exported graph, which has no per-layer outputs"}
+
+
+def log_node_placement(name: str, info: dict) -> None:
+    """Where ONNX Runtime placed the graph's nodes; a warning for nodes a GPU row runs on the CPU."""
+    if info.get("runtime_nodes_by_provider") is None:
+        return
+    placed = ", ".join(f"{count} on {provider}" for provider, count in info["runtime_nodes_by_provider"].items())
+    log(f"{name}: nodes placed: {placed}", "LOAD")
+    if info["runtime_cpu_nodes"]:
+        ops = ", ".join(f"{op} x{n}" for op, n in list(info["runtime_cpu_node_ops"].items())[:8])
+        log(f"{name}: {info['runtime_cpu_nodes']} node(s) run on the CPU though a GPU provider was asked for ({ops}): "
+            f"their time, and the copies to and from them, are in this row's figures", "WARNING")
+
+
+def engine_dir_for(device: torch.device, models_dir: Path, export_path: str) -> Path:
+    """The folder of an export's TensorRT engines on this GPU, made if absent."""
+    import onnxruntime as ort
+
+    facts = {"onnxruntime": ort.__version__, "tensorrt": package_version("tensorrt"),
+             "gpu": cuda_device_name(device), "capability": cuda_capability(device)}
+    folder = engine_folder(models_dir / ENGINES_DIR_NAME, export_path, facts)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot write TensorRT's engines under {folder.parent} ({e.strerror or e}): make it a "
+                          f"writable folder, or pass --models-dir") from None
+    return folder
+
+
+def folder_files(folder: Path | None) -> set[str]:
+    """The files under folder, by relative path (none when there is no folder)."""
+    if folder is None or not folder.is_dir():
+        return set()
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def engine_build(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress, engine_dir: Path,
+                 files_before: set[str]) -> dict:
+    """tensorrt: one call per distinct input shape before the samples, since TensorRT builds an
+    engine at a shape's first call (a fixed shape's at session creation, in the load time): minutes
+    for a large model, never a sample; a cache hit reads the engines built before."""
+    progress.update(phase="engine build", image=None)
+    shapes: dict[tuple[int, ...], Any] = {}
+    for path in job.images:
+        fed = bench.feed(decode_image(Path(path)))
+        shapes.setdefault(tuple(bench.fed_shape(fed)), fed)
+    start = clock(bench.device)
+    with torch.inference_mode():
+        for fed in shapes.values():
+            bench.run_forward(fed)
+    build_sec = clock(bench.device) - start
+    cached = engine_cache_hit(files_before, folder_files(engine_dir))
+    log(f"TensorRT engines for {len(shapes)} input shape(s) in {build_sec:.2f}s "
+        f"({'read from the cache' if cached else 'built'}: {engine_dir}); not latency samples", "ENGINE")
+    return {"engine_build_sec": build_sec, "engine_build_calls": len(shapes), "engine_cached": cached,
+            "engine_dir": str(engine_dir)}
 
 
 def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
@@ -3785,9 +4042,9 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
             import_sec, _ = timed_phase(progress, "import", device, bench.import_library)
             runtime_init_sec, _ = timed_phase(progress, "runtime init", device, lambda: runtime_init(device))
             log(f"Imports {import_sec:.2f}s, runtime init {runtime_init_sec:.3f}s (device {device})", "INIT")
-            gpu = GpuMonitor(device)
-            before = get_memory_usage(device)
-            log(f"{label} baseline after runtime init: {headline_mb(before, device):.0f} MB", "MEMORY")
+            gpu = bench.gpu = GpuMonitor(device)
+            before = get_memory_usage(device, gpu)
+            log(f"{label} baseline after runtime init: {fmt(headline_mb(before, bench.mem_kind), '.0f')} MB", "MEMORY")
             download_sec, downloaded = timed_phase(progress, "download", device, bench.download)
             if downloaded:
                 log(f"Weights downloaded in {download_sec:.2f}s (not counted in the load time)", "LOAD")
@@ -3799,9 +4056,9 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         log(f"Model loaded successfully in {load_time_sec:.2f}s from {bench.weight_source}", "LOAD")
         first_image = decode_image(Path(job.images[0]))
         backend = runtime_phases(bench, job, first_image, progress, load_time_sec)
-        after_load = get_memory_usage(device)
-        log(f"{label} after load: {headline_mb(after_load, device):.0f} MB "
-            f"(delta: +{headline_mb(after_load, device) - headline_mb(before, device):.0f} MB)", "MEMORY")
+        after_load = get_memory_usage(device, gpu)
+        log(f"{label} after load: {fmt(headline_mb(after_load, bench.mem_kind), '.0f')} MB "
+            f"(delta: +{fmt(mb_delta(after_load, before, bench.mem_kind), '.0f')} MB)", "MEMORY")
         compiled = {}
         if options.compile:
             images = [first_image] + [decode_image(Path(p)) for p in job.images[1:]]
@@ -3839,8 +4096,8 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
     finally:
         log("Clearing model and GPU cache...", "CLEANUP")
         bench.cleanup()
-    after_cleanup = get_memory_usage(device)
-    log(f"{label} after cleanup: {headline_mb(after_cleanup, device):.0f} MB", "MEMORY")
+    after_cleanup = get_memory_usage(device, gpu)
+    log(f"{label} after cleanup: {fmt(headline_mb(after_cleanup, bench.mem_kind), '.0f')} MB", "MEMORY")
     return {
         **info,
         "status": "ok",
@@ -3868,12 +4125,12 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         "noise_reasons": noise,
         "other_cpu_cores": host.other_cpu_cores,
         "load_avg_1min": host.load_avg_1min,
-        "mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
-        "mem_before_mb": headline_mb(before, device),
-        "mem_after_load_mb": headline_mb(after_load, device),
+        "mem_kind": bench.mem_kind,
+        "mem_before_mb": headline_mb(before, bench.mem_kind),
+        "mem_after_load_mb": headline_mb(after_load, bench.mem_kind),
         "mem_peak_mb": max((r["peak_mb"] for r in runs if r["peak_mb"] is not None), default=None),
-        "mem_after_cleanup_mb": headline_mb(after_cleanup, device),
-        "mem_not_returned_mb": headline_mb(after_cleanup, device) - headline_mb(before, device),
+        "mem_after_cleanup_mb": headline_mb(after_cleanup, bench.mem_kind),
+        "mem_not_returned_mb": mb_delta(after_cleanup, before, bench.mem_kind),
         **snapshot_fields("before", before),
         **snapshot_fields("after_load", after_load),
         **snapshot_fields("after_cleanup", after_cleanup),
@@ -5257,7 +5514,7 @@ EXTRA_CSV_COLUMNS = [
     "parity_nonfinite", "parity_agreement", "parity_note", "parity_first_drift", "reference_sec",
     "parity_recompilations", "model_wall_sec", "runtime", "runtime_version", "runtime_device", "torch_load_sec",
     "export_sec", "export_mb", "export_cached", "export_exporter", "export_opset", "baseline_backend",
-    "speedup_vs_baseline",
+    "speedup_vs_baseline", "runtime_cpu_nodes", "engine_build_sec", "engine_cached",
 ]
 
 
@@ -5437,14 +5694,30 @@ def runtime_markdown(ok: list[dict]) -> list[str]:
             "The forward exported to ONNX from the loaded PyTorch module and run by the runtime below. The export "
             "is its own phase, never a sample; the row's load time is the session's creation, the PyTorch module's "
             "load beside it. FLOPs are the PyTorch module's; dissection, where run, is of the PyTorch module; the "
-            "process RSS includes the PyTorch module, kept for the FLOPs, the accuracy check and dissection.", ""] + table(
-        ["Model", "Runtime", "Device", "Settings", "Export", "Export (MB)", "Export (s)", "Session (s)", "PyTorch load (s)"],
+            "process's memory includes the PyTorch module, kept for the FLOPs, the accuracy check and dissection. "
+            "Nodes: where ONNX Runtime placed the graph's nodes; on a GPU, those left on the CPU are host work inside "
+            "the row's figures. TensorRT's engine build (one call per input shape) is before the samples.", ""] + table(
+        ["Model", "Runtime", "Device", "Settings", "Export", "Export (MB)", "Export (s)", "Session (s)", "PyTorch load (s)",
+         "Nodes", "Engine build (s)"],
         [[row_name(r), f"{r['runtime']} {r.get('runtime_version')}", r.get("runtime_device"),
           ", ".join(f"{k}={v}" for k, v in (r.get("runtime_settings") or {}).items()),
           f"{r.get('export_exporter')} exporter, opset {r.get('export_opset')}" + (" (cached)" if r.get("export_cached") else "")
           + "".join(f"; {r[k]}" for k in ("export_fallback", "export_note") if r.get(k)),
           fmt(r.get("export_mb"), ".1f"), fmt(r.get("export_sec"), ".2f"), fmt(r.get("load_time_sec"), ".2f"),
-          fmt(r.get("torch_load_sec"), ".2f")] for r in rows])
+          fmt(r.get("torch_load_sec"), ".2f"), placement_text(r),
+          fmt(r.get("engine_build_sec"), ".2f") + (" (cached)" if r.get("engine_cached") else "")] for r in rows])
+
+
+def placement_text(row: dict) -> str:
+    """'363 on CPUExecutionProvider', with the nodes a GPU row left on the CPU and their ops."""
+    placed = row.get("runtime_nodes_by_provider")
+    if not placed:
+        return "n/a"
+    text = ", ".join(f"{n} on {provider}" for provider, n in placed.items())
+    if row.get("runtime_cpu_nodes"):
+        ops = ", ".join(f"{op} x{n}" for op, n in list(row["runtime_cpu_node_ops"].items())[:5])
+        text += f"; **{row['runtime_cpu_nodes']} left on the CPU** ({ops})"
+    return text
 
 
 def backends_markdown(ok: list[dict], backends: list[str]) -> list[str]:
@@ -5457,11 +5730,12 @@ def backends_markdown(ok: list[dict], backends: list[str]) -> list[str]:
             f"Each model once per backend, in the order given; speed-up: the {backends[0]} row's warm median over "
             f"this row's (above 1: faster than {backends[0]}). Accuracy: against the fp32 PyTorch reference.", ""] + table(
         ["Model", "Backend", "Warm median (s)", f"Speed-up vs {backends[0]}", "Cold (s)", "Load (s)", "Export (s)",
-         "Export (MB)", "Accuracy"],
+         "Export (MB)", "CPU nodes", "Accuracy"],
         [[r["model_name"] + (f" @ {r['node_label']}" if r.get("node_label") else ""), row_backend(r),
           noisy_mark(r, fmt(r["warm_median_sec"])), fmt(r.get("speedup_vs_baseline"), ".2f") + "x"
           if r.get("speedup_vs_baseline") else "n/a", fmt(r["cold_inference_sec"]), fmt(r["load_time_sec"], ".2f"),
-          fmt(r.get("export_sec"), ".2f"), fmt(r.get("export_mb"), ".1f"), parity_text(r)] for r in rows])
+          fmt(r.get("export_sec"), ".2f"), fmt(r.get("export_mb"), ".1f"),
+          "-" if r.get("runtime_cpu_nodes") is None else str(r["runtime_cpu_nodes"]), parity_text(r)] for r in rows])
 
 
 def task_figures_text(task: dict | None) -> str:
@@ -6688,8 +6962,21 @@ def node_preflight_main(request: str) -> int:
     ask = json.loads(request)
     device = torch.device("cpu")
     benches = [c(device, ask["weights"], Path(ask["models_dir"])) for c in resolve_models(ask["models"])]
-    print(json.dumps({"problems": check_requirements(benches), "facts": node_facts()}, default=str))
+    print(json.dumps({"problems": check_requirements(benches), "facts": node_facts(),
+                      "backend_problems": node_backend_problems(ask.get("backends", ["torch"]), ask.get("device", "cpu"))},
+                     default=str))
     return EXIT_OK
+
+
+def node_backend_problems(backends: list[str], request: str) -> list[str]:
+    """What a node lacks for the run's backends on the device it resolves --device to."""
+    try:
+        device_type = resolve_cuda_request(request).type
+    except UsageError as e:
+        return [str(e)]
+    if problem := backend_problem(backends, device_type, RunOptions()):
+        return [problem]
+    return backend_preflight(backends, device_type)
 
 
 # The Ray tasks below are shipped by value and use nothing of this module (a function they need
@@ -6917,7 +7204,8 @@ class RayFleet:
         import ray
 
         request = json.dumps({"models": ",".join(c.__name__ for c in self.cfg.models), "weights": self.cfg.weights,
-                              "models_dir": str(self.cfg.models_dir)})
+                              "models_dir": str(self.cfg.models_dir), "backends": self.cfg.backends,
+                              "device": self.cfg.device_request})
         task = ray.remote(ray_preflight_task)
         answers = ray.get([task.options(**self.probe_options(n)).remote(script_ref, request, self.run_tag)
                            for n in nodes])
@@ -6927,6 +7215,7 @@ class RayFleet:
                 problems.append(f"{node.where}: the preflight failed: {answer['error']}")
                 continue
             node.facts = answer["facts"]
+            problems += [f"{node.where}: {p}" for p in answer.get("backend_problems", [])]
             for name, found in answer["problems"].items():
                 if issubclass(next(c for c in MODEL_REGISTRY if c.__name__ == name), SKIPPABLE):
                     node.skips[name] = found[0]  # the spec's DA-V2 skip, on this node
@@ -7436,10 +7725,8 @@ def run_options(args: argparse.Namespace, device: torch.device, on_ray: bool = F
                          threads=args.threads)
     if not on_ray:
         options.check(device, UsageError, args.backend)
-    for backend in args.backend:
-        if missing := missing_backend_packages(backend):
-            raise UsageError(f"preflight: --backend {backend} needs the Python package(s) {', '.join(missing)}, "
-                             f"which this Python cannot import: pip install {' '.join(missing)}; nothing was run")
+    if not on_ray and (problems := backend_preflight(args.backend, device.type)):
+        raise UsageError(f"preflight: {problems[0]}; nothing was run")
     return options
 
 

@@ -23,8 +23,8 @@ def test_what_a_backend_refuses_and_why():
     assert ub.backend_problem(["torch"], "cuda", ub.RunOptions(compile="default")) is None
     assert ub.backend_problem(["onnxruntime"], "cpu", cpu) is None
     assert "needs a CUDA device" in ub.backend_problem(["torch", "tensorrt"], "cpu", ub.RunOptions())
-    assert "not built" in ub.backend_problem(["tensorrt"], "cuda", ub.RunOptions())
-    assert "add --device cpu" in ub.backend_problem(["openvino"], "cuda", ub.RunOptions())
+    assert ub.backend_problem(["torch", "onnxruntime", "tensorrt"], "cuda", ub.RunOptions()) is None
+    assert "add --device cpu" in ub.backend_problem(["onnxruntime", "openvino"], "cuda", ub.RunOptions())
     both = ub.backend_problem(["onnxruntime"], "cpu", ub.RunOptions(compile="default", dtype="bf16"))
     assert both.startswith("--compile, --dtype bf16 are PyTorch options") and "add torch to --backend" in both
     # Beside a torch row they apply to it alone, and the runtime's row says so.
@@ -37,6 +37,77 @@ def test_what_a_backend_refuses_and_why():
     assert ub.backend_options(ub.RunOptions(compile="default"), "torch")[0].compile == "default"
     # The backend is part of the history's configuration key; torch, the default, is not written out.
     assert ub.RunOptions(backend="openvino").key(2) == {"backend": "openvino"} and ub.RunOptions().key(2) == {}
+
+
+def test_onnxruntime_runs_on_the_rows_device_with_the_right_providers(tmp_path):
+    """The provider chain and its device index follow the row's device: cuda:1 is CUDA's ordinal 1
+    (as torch's, under CUDA_VISIBLE_DEVICES too); TensorRT is first, CUDA behind it, the CPU last."""
+    assert ub.ort_providers("onnxruntime", torch.device("cpu"), None) == [("CPUExecutionProvider", {})]
+    assert ub.ort_providers("onnxruntime", torch.device("cuda", 1), None) == [
+        ("CUDAExecutionProvider", {"device_id": "1"}), ("CPUExecutionProvider", {})]
+    trt = ub.ort_providers("tensorrt", torch.device("cuda", 0), tmp_path)
+    assert [name for name, _ in trt] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert trt[0][1]["device_id"] == "0" and trt[0][1]["trt_engine_cache_path"] == str(tmp_path)
+    assert trt[0][1]["trt_engine_cache_enable"] == "True" and trt[0][1]["trt_timing_cache_path"] == str(tmp_path)
+
+
+def test_a_gpu_provider_this_onnxruntime_lacks_is_a_preflight_problem():
+    """The CPU wheel installed here offers no CUDA provider: a CUDA row of it is refused before
+    anything runs, naming onnxruntime-gpu; a session that dropped its GPU provider is a failed load."""
+    import onnxruntime as ort
+
+    here = ort.get_available_providers()
+    assert "CUDAExecutionProvider" not in here and ub.provider_problem("onnxruntime", "cpu", here) is None
+    assert "pip install onnxruntime-gpu" in ub.provider_problem("onnxruntime", "cuda", here)
+    gpu_wheel = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert ub.provider_problem("onnxruntime", "cuda", gpu_wheel) is None
+    assert "TensorrtExecutionProvider" in ub.provider_problem("tensorrt", "cuda", gpu_wheel)
+    assert ub.provider_fallback_problem("CUDAExecutionProvider", gpu_wheel) is None
+    assert "every node would run on the CPU" in ub.provider_fallback_problem("CUDAExecutionProvider", here)
+
+
+def test_nodes_left_on_the_cpu_are_counted_when_a_gpu_provider_was_asked_for():
+    assignment = [("CUDAExecutionProvider", ["Conv", "Relu", "Conv"]), ("CPUExecutionProvider", ["Shape", "Gather"]),
+                  ("CUDAExecutionProvider", ["Add"]), ("CPUExecutionProvider", ["Shape"])]
+    found = ub.node_placement(assignment, "CUDAExecutionProvider")
+    assert found["runtime_nodes_by_provider"] == {"CUDAExecutionProvider": 4, "CPUExecutionProvider": 3}
+    assert found["runtime_cpu_nodes"] == 3 and found["runtime_cpu_node_ops"] == {"Shape": 2, "Gather": 1}
+    cpu = ub.node_placement([("CPUExecutionProvider", ["Conv", "Shape"])], "CPUExecutionProvider")
+    assert cpu["runtime_cpu_nodes"] is None and cpu["runtime_nodes_by_provider"] == {"CPUExecutionProvider": 2}
+
+
+def test_tensorrt_engines_are_kept_per_export_and_gpu(tmp_path):
+    facts = {"onnxruntime": "1.32.0", "tensorrt": "10.9", "gpu": "NVIDIA H200", "capability": "9.0"}
+    export = str(tmp_path / "exports" / "YOLO11nDetectBenchmark-0123456789abcdef" / "model.onnx")
+    folder = ub.engine_folder(tmp_path / "engines", export, facts)
+    assert folder.parent == tmp_path / "engines" and folder.name.startswith("YOLO11nDetectBenchmark-0123456789abcdef-")
+    assert ub.engine_folder(tmp_path / "engines", export, facts) == folder
+    for change in ({"gpu": "NVIDIA L4"}, {"capability": "8.9"}, {"onnxruntime": "1.33.0"}, {"tensorrt": "10.10"}):
+        assert ub.engine_folder(tmp_path / "engines", export, {**facts, **change}) != folder, change
+    assert ub.engine_cache_hit({"a.engine", "a.profile"}, {"a.engine", "a.profile"})
+    assert not ub.engine_cache_hit(set(), {"a.engine"}) and not ub.engine_cache_hit({"a.engine"}, {"a.engine", "b.engine"})
+    (tmp_path / "engines" / "x" / "sub").mkdir(parents=True)
+    (tmp_path / "engines" / "x" / "sub" / "e.engine").write_bytes(b"1")
+    assert ub.folder_files(tmp_path / "engines" / "x") == {"sub/e.engine"} and ub.folder_files(None) == set()
+
+
+def test_a_node_reports_the_backends_it_cannot_run(tmp_path):
+    """What a Ray task runs on each node before a run (--node-preflight), as a real process:
+    tensorrt on a node without CUDA is its problem; onnxruntime and openvino there are not."""
+    import subprocess
+
+    def ask(backends: list[str]) -> list[str]:
+        request = json.dumps({"models": "yolo11n-detect", "weights": "random", "models_dir": str(tmp_path),
+                              "backends": backends, "device": "auto"})
+        proc = subprocess.run([sys.executable, str(ub.SCRIPT_DIR / "unified_benchmark.py"), "--node-preflight", request],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])["backend_problems"]
+
+    assert ask(["torch", "onnxruntime", "openvino"]) == []
+    (problem,) = ask(["torch", "tensorrt"])
+    assert "--backend tensorrt needs a CUDA device" in problem
+    assert ub.node_backend_problems(["openvino"], "cuda:7")[0].startswith("--device cuda:7: CUDA is not available")
 
 
 def test_backend_lists_parse_in_order_and_refuse_what_is_not_one():
@@ -117,6 +188,10 @@ def test_onnxruntime_exports_once_reuses_the_export_and_redoes_a_corrupt_one(tmp
         assert row["parity_rel_l2_max"] < 1e-4 and row["export_exporter"] == "torchscript" and row["export_opset"] == 17
         assert row["export_mb"] > 5 and row["export_sec"] > 0 and row["load_time_sec"] > 0 and row["torch_load_sec"] > 0
         assert row["runtime_settings"]["providers"] == ["CPUExecutionProvider"] and len(row["runs"]) == 2
+        assert row["runtime_settings"]["io_binding"] == "cpu:0" and row["runtime_device"] == "CPU"
+        (placed,) = row["runtime_nodes_by_provider"].items()  # every node of the graph, on the CPU's provider
+        assert placed[0] == "CPUExecutionProvider" and placed[1] > 50 and row["runtime_cpu_nodes"] is None
+        assert all(r["inference_event_sec"] is None for r in row["runs"])
         assert row["gflops"] > 1 and row["warm_median_sec"] > 0 and row["mem_kind"] == "process_rss"
     assert rows[0]["export_path"] == rows[1]["export_path"] and "[EXPORT] ONNX export (torchscript exporter" in text
 

@@ -103,6 +103,32 @@ def test_our_own_gpu_process_is_told_apart():
     assert others == [4711, 4712] and how.startswith("undecided")
 
 
+
+def test_a_runtime_rows_gpu_memory_is_nvmls_figure_for_our_process():
+    """The torch allocator does not see ONNX Runtime's memory: a runtime row on CUDA reports NVML's
+    figure for this process, found as other_gpu_processes finds it, or none when undecided."""
+    assert [ub.memory_kind(*k) for k in (("cpu", "torch"), ("cpu", "onnxruntime"), ("cuda", "torch"),
+                                         ("cuda", "onnxruntime"), ("cuda", "tensorrt"))] == [
+        "process_rss", "process_rss", "cuda_allocated", "gpu_process_nvml", "gpu_process_nvml"]
+    assert ub.own_gpu_process_mb([(10, 900.0), (11, 500.0)], 10) == 900.0  # by PID
+    assert ub.own_gpu_process_mb([(4711, 3000.0)], 10) == 3000.0  # the only process
+    # Two processes with PIDs of another namespace: undecided. A memory match against torch's
+    # reserved 40 MB (other_gpu_processes' way) would take the other, small process for ours.
+    assert ub.other_gpu_processes([(4711, 9000.0), (4712, 900.0)], 10, 40.0)[0] == [4711]
+    assert ub.own_gpu_process_mb([(4711, 9000.0), (4712, 900.0)], 10) is None
+    assert ub.own_gpu_process_mb([(10, None)], 10) is None  # NVML gave no figure
+    snap = {"rss_mb": 1.0, "cuda_allocated_mb": 2.0, "cuda_reserved_mb": 3.0, "gpu_process_mb": 4.0}
+    assert [ub.headline_mb(snap, k) for k in ("process_rss", "cuda_allocated", "gpu_process_nvml")] == [1.0, 2.0, 4.0]
+    assert ub.mb_delta(snap, {**snap, "gpu_process_mb": None}, "gpu_process_nvml") is None
+    assert ub.mb_delta(snap, {**snap, "rss_mb": 0.25}, "process_rss") == 0.75
+
+
+def test_cuda_events_time_torch_rows_only():
+    """A runtime runs on streams of its own: events on torch's stream would time nothing of it."""
+    assert ub.cuda_events_time("cuda", "torch")
+    assert not any(ub.cuda_events_time(d, b) for d, b in (("cuda", "onnxruntime"), ("cuda", "tensorrt"), ("cpu", "torch")))
+
+
 # -- FLOP classes, peaks and MFU -------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, precision, peak", [

@@ -169,14 +169,41 @@ def test_table_rows_render_with_missing_figures():
 
 def test_parts_fit_the_budget_and_parse(tmp_path):
     parts = cc.plan_parts(cc.DEFAULT_BF16_MODELS)
-    assert [p.name for p in parts] == ["dissect", "fp16-compile", "fp32", "planted", "bf16"]
+    assert [p.name for p in parts] == ["dissect", "fp16-compile", "fp32", "planted", "bf16", "onnxruntime"]
     for part in parts:
         if part.name != "planted":
             args = cc.ub.build_parser().parse_args(cc.program_command(part, tmp_path, part.budget_sec)[2:])
             in_process = args.isolation == "none"  # no worker to stop: the part's budget bounds it
             assert (args.model_timeout is None) if in_process else args.model_timeout < part.budget_sec
             assert args.keep_going and args.weights == "random"
-    assert cc.TOTAL_BUDGET_SEC < 360 - 15  # room for the wheel install and interpreter start
+    assert cc.TOTAL_BUDGET_SEC < 450 - 15  # room for the wheel install and interpreter start
+
+
+def ort_row(**changes) -> dict:
+    """A plausible onnxruntime row on CUDA beside its torch row."""
+    row = {"status": "ok", "device": "cuda:0", "runtime": "onnxruntime", "runtime_device": "CUDA:0", "parity": "ok",
+           "mem_kind": "gpu_process_nvml", "warm_median_event_sec": None, "runtime_cpu_nodes": 12,
+           "runtime_settings": {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]},
+           "speedup_vs_baseline": 1.4, "mem_peak_mb": 900.0, "nvml": "ok"}
+    return {**row, **changes}
+
+
+def test_an_onnxruntime_row_on_cuda_is_judged_by_its_own_checks():
+    assert cc.runtime_row_findings(ort_row()) == []
+    fallen_back = cc.runtime_row_findings(ort_row(runtime_device="CPU", runtime_settings={"providers": ["CPUExecutionProvider"]}))
+    assert len(fails(fallen_back)) == 2 and any("lack CUDA's" in t for t in fails(fallen_back))
+    assert any("runtime_cpu_nodes" in t for t in fails(cc.runtime_row_findings(ort_row(runtime_cpu_nodes=None))))
+    assert any("parity" in t for t in fails(cc.runtime_row_findings(ort_row(parity="failed"))))
+    assert levels(cc.runtime_row_findings(ort_row(mem_peak_mb=None, nvml="n/a: no driver"))) == ["SKIPPED"]
+    assert levels(cc.runtime_row_findings(ort_row(mem_peak_mb=None))) == ["FAIL"]  # NVML ok, no figure
+
+
+def test_the_onnxruntime_part_is_skipped_without_onnxruntime_gpu():
+    import onnxruntime
+
+    assert "not onnxruntime-gpu" in cc.onnxruntime_skip(onnxruntime.get_available_providers())  # the CPU wheel here
+    assert "not installed" in cc.onnxruntime_skip(None)
+    assert cc.onnxruntime_skip(["CUDAExecutionProvider", "CPUExecutionProvider"]) is None
 
 
 def test_every_part_is_a_command_line_the_program_accepts(tmp_path, monkeypatch, capsys):

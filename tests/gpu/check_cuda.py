@@ -51,7 +51,7 @@ MOST_LAYERS_TIMED = 0.9         # share of dissected layers with a positive forw
 CONV_HEAVY_CLASSES = ("YOLO11nDetectBenchmark", "YOLO11nSegmentBenchmark", "YOLO11nPoseBenchmark",
                       "MobileSAMBenchmark")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-TOTAL_BUDGET_SEC = 330.0        # with the stop grace, the wheel install and interpreter start: under 6 minutes
+TOTAL_BUDGET_SEC = 410.0        # with the stop grace, the wheel install and interpreter start: under 7.5 minutes
 MIN_PART_SEC = 20.0             # a part with less time left is not started
 MAX_MODEL_TIMEOUT_SEC = 240.0
 STOP_GRACE_SEC = 10.0           # after SIGTERM the program writes its report of the finished models
@@ -206,6 +206,40 @@ def check_row(row: dict, peaks: dict[str, float | None], pynvml_installed: bool 
     return found + compute_findings(row, peaks) + nvml_findings(row, pynvml_installed)
 
 
+def onnxruntime_skip(providers: list[str] | None) -> str | None:
+    """Why the onnxruntime part cannot run on this machine (providers: onnxruntime's available
+    providers, None when it is not installed), or None when it can."""
+    if providers is None:
+        return "onnxruntime is not installed here"
+    if "CUDAExecutionProvider" not in providers:
+        return f"this onnxruntime has no CUDAExecutionProvider ({', '.join(providers)}): it is not onnxruntime-gpu"
+    return None
+
+
+def runtime_row_findings(row: dict) -> list[Finding]:
+    """A runtime's row on CUDA: on the GPU (no silent CPU fallback), its CPU-placed nodes counted,
+    parity ok, a speed-up against the torch row, NVML memory, no CUDA events (its own streams)."""
+    if row.get("status") != "ok":
+        return [fail(f"status {row.get('status')!r}: {row.get('error')}")]
+    found = []
+    for key, want in (("device", "cuda:0"), ("runtime_device", "CUDA:0"), ("parity", "ok"),
+                      ("mem_kind", "gpu_process_nvml"), ("warm_median_event_sec", None)):
+        if row.get(key) != want:
+            found.append(fail(f"{key} is {row.get(key)!r}, not {want!r}"))
+    if "CUDAExecutionProvider" not in (row.get("runtime_settings") or {}).get("providers", []):
+        found.append(fail(f"providers {(row.get('runtime_settings') or {}).get('providers')!r} lack CUDA's"))
+    if not isinstance(row.get("runtime_cpu_nodes"), int):
+        found.append(fail(f"runtime_cpu_nodes is {row.get('runtime_cpu_nodes')!r}, not a count"))
+    if not (isinstance(row.get("speedup_vs_baseline"), (int, float)) and row["speedup_vs_baseline"] > 0):
+        found.append(fail(f"speedup_vs_baseline is {row.get('speedup_vs_baseline')!r}"))
+    peak = row.get("mem_peak_mb")
+    if peak is None and str(row.get("nvml")).startswith("n/a"):
+        found.append(skipped(f"runtime memory: NVML {row.get('nvml')}"))
+    elif not (isinstance(peak, (int, float)) and peak > 0):
+        found.append(fail(f"mem_peak_mb is {peak!r} with NVML {row.get('nvml')!r}"))
+    return found
+
+
 def dissection_findings(row: dict, meta: dict | None, file_exists: Callable[[str], bool]) -> list[Finding]:
     """(a): complete, files written, layers timed in a separate pass with positive times, PNGs there."""
     found = []
@@ -322,6 +356,8 @@ def plan_parts(bf16_models: str) -> list[Part]:
         Part("planted", (), 40),  # in-process, in a subprocess of this script: not a program run
         Part("bf16", ("--device", "cuda:0", "--no-dissect", "--dtype", "bf16", "--runs", "2", "--isolation", "none"),
              50, 40, models=None if bf16_models == "all" else bf16_models),
+        Part("onnxruntime", ("--device", "cuda", "--no-dissect", "--backend", "torch,onnxruntime"), 80, 70,
+             models="yolo11n-detect,dav2-small"),  # skipped where onnxruntime has no CUDA provider
     ]
 
 
@@ -420,7 +456,8 @@ def judge_part(part: Part, report: dict | None, problem: str | None, ctx: dict, 
         outcome.add(f"part {part.name}", [fail(problem)])
     for row in rows:
         where = f"{row.get('model_name') or row.get('class_name')} {part.name}"
-        found = check_row(row, ctx["peaks"], ctx["pynvml_installed"]) + part_specific_findings(part, row)
+        found = (runtime_row_findings(row) if row.get("runtime", "torch") != "torch"
+                 else check_row(row, ctx["peaks"], ctx["pynvml_installed"]) + part_specific_findings(part, row))
         outcome.add(where, found)
         outcome.table.append(table_row(part.name, row, found))
         if row.get("gpu_own_process"):
@@ -501,6 +538,14 @@ def device_peaks(device_name: str, outcome: Outcome) -> dict[str, float | None]:
     return {p: peak_for(device_name, p) for p in PRECISIONS}
 
 
+def ort_providers() -> list[str] | None:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime
+
+    return onnxruntime.get_available_providers()
+
+
 def part_failed(part: Part, why: str, status: str, outcome: Outcome) -> None:
     outcome.add(f"part {part.name}", [fail(why)])
     outcome.table.append(placeholder_row(f"(part {part.name})", part.name, status))
@@ -519,6 +564,9 @@ def run_all(args: argparse.Namespace, ctx: dict, outcome: Outcome) -> None:
         try:
             if part.name == "planted":
                 run_planted(timeout, outcome)
+            elif part.name == "onnxruntime" and (why := onnxruntime_skip(ort_providers())):
+                outcome.add(f"part {part.name}", [skipped(why)])
+                outcome.table.append(placeholder_row("(part onnxruntime)", part.name, "skipped"))
             else:
                 report, problem = run_part(part, args.out / part.name, timeout)
                 judge_part(part, report, problem, ctx, outcome)

@@ -45,7 +45,7 @@ def with_runtime(bench: ub.ModelBenchmark, image: Image.Image, exports: Path) ->
     start = time.perf_counter()
     export = ub.export_onnx(bench, image, exports)
     export_sec = time.perf_counter() - start
-    bench.runtime = ub.RUNTIMES[bench.options.backend](export, ub.usable_cpus())
+    bench.runtime = ub.RUNTIMES[bench.options.backend](export, ub.usable_cpus(), bench.device, None)
     return export_sec, export
 
 
