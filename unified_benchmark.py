@@ -3152,6 +3152,7 @@ class OnnxRuntimeForward(RuntimeForward):
             binding.bind_ortvalue_input(name, self.ort.OrtValue.from_dlpack(tensor))  # shares the tensor's memory
         for name in dict.fromkeys(self.output_names):  # a tensor the model returns twice is one graph output, bound once
             binding.bind_output(name, *self.binding_device)  # ONNX Runtime allocates it there
+        sync(self.device)  # torch wrote the inputs on its stream; ONNX Runtime reads them on its own
         return BoundInputs(binding, tensors)
 
     def fed_shape(self, fed: BoundInputs) -> list[int]:
@@ -3159,6 +3160,7 @@ class OnnxRuntimeForward(RuntimeForward):
 
     def run(self, fed: BoundInputs) -> list[Any]:
         self.session.run_with_iobinding(fed.binding)
+        fed.binding.synchronize_outputs()  # done on ONNX Runtime's stream before torch reads them
         return fed.binding.get_outputs()  # one per bound name, in binding order
 
     def unpack(self, values: list[Any]) -> Any:
