@@ -23,7 +23,8 @@ Sections, in dependency order:
     Layer dissection          hooks on every leaf, pictures and arrays, per-layer times
     The base class            ModelBenchmark: everything the models share
     The eight models          one subclass each, MODEL_REGISTRY, what each needs (preflight)
-    Runtimes                  --backend: the forward exported to ONNX (cached), ONNX Runtime, OpenVINO
+    Runtimes                  --backend: the forward exported to ONNX (cached), ONNX Runtime (CPU, CUDA,
+                              TensorRT), OpenVINO; node placement, engine cache
     Accuracy cost             every variant against the fp32 eager reference, the first layer that drifts
     One model's benchmark     the phases of one model, run inside its worker
     Progress journal          each finished row fsync'd at once; a dead run's rows read back
@@ -500,6 +501,17 @@ def memory_kind(device_type: str, backend: str) -> str:
     return "cuda_allocated" if backend == "torch" else "gpu_process_nvml"
 
 
+def nvml_memory_note(kind: str, nvml_status: str, peak_mb: float | None) -> str | None:
+    """Why a row whose memory is NVML's figure has none: NVML is not there, or it could not tell
+    our process apart; None when the figure is there or the row's memory is not NVML's."""
+    if kind != "gpu_process_nvml" or peak_mb is not None:
+        return None
+    if nvml_status != "ok":
+        return f"no GPU memory figure: NVML {nvml_status}"
+    return ("no GPU memory figure: NVML lists this process under no PID of ours, beside other processes "
+            "(a container's PID namespace): it cannot be told apart")
+
+
 def own_gpu_process_mb(procs: list[tuple[int, float | None]], own_pid: int) -> float | None:
     """Our process's GPU memory in NVML's (pid, used MB) list: by PID, or the only process listed;
     None when neither tells it apart (not by a memory match: a runtime's memory is beyond what our
@@ -636,8 +648,11 @@ class GpuMonitor:
     reasons, other processes. The NVML device is found by the CUDA device's UUID. Every reading is
     None when NVML is not there; `status` says "ok" or "n/a: why"."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, match_by_memory: bool = True):
+        # match_by_memory: tell our process apart by the allocator's reserved memory where PIDs
+        # differ; not for a runtime's row, whose process holds the runtime's memory beyond it.
         self.device, self.handle, self.status = device, None, "n/a: not a CUDA device"
+        self.match_by_memory = match_by_memory
         if device.type != "cuda":
             return
         try:
@@ -677,7 +692,8 @@ class GpuMonitor:
         others, how = None, None
         if procs is not None:
             listed = [(p.pid, None if p.usedGpuMemory is None else p.usedGpuMemory / 1024**2) for p in procs]
-            others, how = other_gpu_processes(listed, os.getpid(), cuda_memory_mb(self.device)[1])
+            reserved_mb = cuda_memory_mb(self.device)[1] if self.match_by_memory else None
+            others, how = other_gpu_processes(listed, os.getpid(), reserved_mb)
         return {"sm_clock_mhz": clocks, "throttle_reasons": reasons, "other_gpu_pids": others, "own_process_by": how}
 
     def process_used_mb(self) -> float | None:
@@ -1092,11 +1108,12 @@ def mix_peak_tflops(flops_by_class: dict[str, int], peaks: dict[str, float | Non
 
 
 def compute_figures(flops: int | None, flops_by_class: dict[str, int], warm_median_sec: float | None,
-                    device: torch.device, dtype: str) -> dict:
+                    device: torch.device, dtype: str, tf32: dict[str, bool | None] | None = None) -> dict:
     """GFLOPs per forward, achieved TFLOP/s at warm_median_sec (of the image the FLOPs were counted
-    on), and MFU against the peak of the FLOP mix, each class at the precision it ran in."""
+    on), and MFU against the peak of the FLOP mix, each class at the precision it ran in (tf32: a
+    runtime's own flags, runtime_tf32; else torch's)."""
     name = cuda_device_name(device) if device.type == "cuda" else None
-    tf32 = cuda_tf32_flags()
+    tf32 = tf32 if tf32 is not None else cuda_tf32_flags()
     precisions = class_precisions(device.type, dtype, tf32)
     peak = mix_peak_tflops(flops_by_class, {k: peak_tflops_for(name, p) for k, p in precisions.items()})
     used = {k: precisions[k] for k in ("conv", "matmul") if flops_by_class.get(k)}
@@ -2748,12 +2765,12 @@ def check_requirements(benches: list[ModelBenchmark]) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------------------
-# Runtimes: the forward exported to ONNX (cached), run by ONNX Runtime or OpenVINO
+# Runtimes: the forward exported to ONNX (cached), run by ONNX Runtime (CPU, CUDA, TensorRT) or OpenVINO
 # --------------------------------------------------------------------------------------
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 BACKEND_PACKAGES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino"),  # import names
-                    "tensorrt": ("onnx", "onnxruntime")}  # ONNX Runtime's TensorRT provider
+                    "tensorrt": ("onnx", "onnxruntime", "tensorrt")}  # ONNX Runtime's TensorRT provider, TensorRT
 # torch.onnx.export's two exporters, in the order tried, each with its pinned opset: the TorchScript
 # one (dynamo=False) first, it needs nothing more; the dynamo one (onnxscript, opset 18 at least)
 # where it cannot export a model (MobileSAM's LayerNorm2d reads its shape as a tensor).
@@ -2825,7 +2842,7 @@ def backend_preflight(backends: list[str], device_type: str) -> list[str]:
     problems = []
     for backend in backends:
         if missing := missing_backend_packages(backend):
-            install = [f"{name}-gpu tensorrt" if backend == "tensorrt" and name == "onnxruntime" else name
+            install = [f"{name}-gpu" if backend == "tensorrt" and name == "onnxruntime" else name
                        for name in missing]  # onnxruntime-gpu is imported as onnxruntime
             problems.append(f"--backend {backend} needs the Python package(s) {', '.join(missing)}, which this Python "
                             f"cannot import: pip install {' '.join(install)}")
@@ -3019,12 +3036,21 @@ def ort_providers(backend: str, device: torch.device, engine_dir: Path | None) -
     if device.type != "cuda":
         return [(CPU_PROVIDER, {})]
     index = str(device.index)
-    chain = [("CUDAExecutionProvider", {"device_id": index}), (CPU_PROVIDER, {})]
+    chain = [("CUDAExecutionProvider", {"device_id": index, "use_tf32": "1"}), (CPU_PROVIDER, {})]  # its default, said
     if backend == "tensorrt":
         chain.insert(0, ("TensorrtExecutionProvider", {
             "device_id": index, "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(engine_dir),
             "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(engine_dir)}))
     return chain
+
+
+def runtime_tf32(backend: str, device_type: str) -> dict[str, bool] | None:
+    """Whether a runtime's float32 convolutions and matrix products run as TF32 on CUDA: yes for
+    ONNX Runtime's CUDA provider (use_tf32, its default, set by ort_providers) and for TensorRT
+    (it builds float32 engines with TF32 allowed); None for torch rows and the CPU (torch's flags)."""
+    if device_type != "cuda" or backend == "torch":
+        return None
+    return {"conv": True, "matmul": True}
 
 
 def provider_problem(backend: str, device_type: str, available: list[str]) -> str | None:
@@ -3069,9 +3095,10 @@ def engine_folder(engines_dir: Path, export_path: str, facts: dict) -> Path:
     return engines_dir / f"{Path(export_path).parent.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def engine_cache_hit(files_before: set[str], files_after: set[str]) -> bool:
-    """Whether the engine build read cached engines only: there were some, and none was added."""
-    return bool(files_before) and files_after <= files_before
+def engine_cache_hit(files_before: dict[str, tuple[int, int]], files_after: dict[str, tuple[int, int]]) -> bool:
+    """Whether the engine build read cached engines only: there were some, and none was added or
+    rewritten (TensorRT rebuilds an engine in place, under its old name)."""
+    return bool(files_before) and files_after == files_before
 
 
 @dataclass
@@ -3130,7 +3157,10 @@ class OnnxRuntimeForward(RuntimeForward):
         if placement_known:
             settings.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         providers = ort_providers(backend, device, engine_dir)
-        self.session = ort.InferenceSession(export["path"], settings, providers=providers)
+        if backend == "tensorrt":
+            import tensorrt  # noqa: F401 - loads its libraries (a pip install puts them off the loader's path)
+        # No fallback: a provider that fails to be created raises its own error instead of a CPU session.
+        self.session = ort.InferenceSession(export["path"], settings, providers=providers, enable_fallback=0)
         if problem := provider_fallback_problem(providers[0][0], self.session.get_providers()):
             raise BenchError(problem)
         self.graph_inputs = [i.name for i in self.session.get_inputs()]
@@ -3160,7 +3190,7 @@ class OnnxRuntimeForward(RuntimeForward):
 
     def run(self, fed: BoundInputs) -> list[Any]:
         self.session.run_with_iobinding(fed.binding)
-        fed.binding.synchronize_outputs()  # done on ONNX Runtime's stream before torch reads them
+        fed.binding.synchronize_outputs()  # run() synchronises at its end by default: said here, not assumed
         return fed.binding.get_outputs()  # one per bound name, in binding order
 
     def unpack(self, values: list[Any]) -> Any:
@@ -3228,9 +3258,12 @@ PARITY_CHUNK_ELEMENTS = 1 << 20  # layer outputs spill and compare 4 MB at a tim
 PARITY_GROWTH_TOP = 5
 
 
-def parity_threshold_set(options: RunOptions) -> str:
-    """Which PARITY_THRESHOLDS set judges a variant: reduced precision, or float32 rearranged."""
-    return "reduced" if options.dtype != "fp32" else "fp32"
+def parity_threshold_set(options: RunOptions, device_type: str = "cpu") -> str:
+    """Which PARITY_THRESHOLDS set judges a variant: reduced precision, or float32 rearranged. A
+    runtime on CUDA runs its float32 convolutions and matrix products as TF32 (runtime_tf32), whose
+    10-bit mantissa is fp16's: the reduced set."""
+    reduced = options.dtype != "fp32" or bool(runtime_tf32(options.backend, device_type))
+    return "reduced" if reduced else "fp32"
 
 
 def changes_numerics(options: RunOptions) -> bool:
@@ -3613,7 +3646,7 @@ def check_parity(bench: ModelBenchmark, images: list[tuple[str, Image.Image]], l
     that drifts. A row without options that change the numerics is the reference itself."""
     if not changes_numerics(bench.options):
         return {"parity": "reference"}
-    threshold_set = parity_threshold_set(bench.options)
+    threshold_set = parity_threshold_set(bench.options, bench.device.type)
     start = time.perf_counter()
     reference = type(bench)(bench.device, bench.weights, bench.models_dir, bench.random_checkpoint,
                             RunOptions(threads=bench.options.threads))
@@ -3913,7 +3946,8 @@ def model_compute(bench: ModelBenchmark, image: Image.Image, stats: dict, gpu: G
     progress.update(phase="flops", image=None)
     flops, per_call, by_class, source = bench.count_flops(image)
     first = stats["per_image"][0]  # the FLOPs are this image's: its own warm median, not the pooled one
-    figures = compute_figures(flops, by_class, first["warm_median_sec"], bench.device, bench.options.dtype)
+    figures = compute_figures(flops, by_class, first["warm_median_sec"], bench.device, bench.options.dtype,
+                              runtime_tf32(bench.options.backend, bench.device.type))
     figures["flops_basis"] = (f"FLOPs of the first image ({first['image']}, input "
                               f"{'x'.join(map(str, first['input_shape'] or []))}) over its own warm median")
     figures["flops_source"] = source
@@ -3995,23 +4029,23 @@ def engine_dir_for(device: torch.device, models_dir: Path, export_path: str) -> 
     return folder
 
 
-def folder_files(folder: Path | None) -> set[str]:
-    """The files under folder, by relative path (none when there is no folder)."""
+def folder_files(folder: Path | None) -> dict[str, tuple[int, int]]:
+    """The files under folder, by relative path, with their size and mtime in ns (none without a folder)."""
     if folder is None or not folder.is_dir():
-        return set()
-    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+        return {}
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
 def engine_build(bench: ModelBenchmark, job: WorkerJob, progress: ModelProgress, engine_dir: Path,
-                 files_before: set[str]) -> dict:
+                 files_before: dict[str, tuple[int, int]]) -> dict:
     """tensorrt: one call per distinct input shape before the samples, since TensorRT builds an
     engine at a shape's first call (a fixed shape's at session creation, in the load time): minutes
     for a large model, never a sample; a cache hit reads the engines built before."""
     progress.update(phase="engine build", image=None)
-    shapes: dict[tuple[int, ...], Any] = {}
+    shapes: dict[tuple[tuple[int, ...], ...], Any] = {}
     for path in job.images:
         fed = bench.feed(decode_image(Path(path)))
-        shapes.setdefault(tuple(bench.fed_shape(fed)), fed)
+        shapes.setdefault(tuple(tuple(t.shape) for t in fed.tensors.values()), fed)  # every input's shape
     start = clock(bench.device)
     with torch.inference_mode():
         for fed in shapes.values():
@@ -4044,7 +4078,7 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
             import_sec, _ = timed_phase(progress, "import", device, bench.import_library)
             runtime_init_sec, _ = timed_phase(progress, "runtime init", device, lambda: runtime_init(device))
             log(f"Imports {import_sec:.2f}s, runtime init {runtime_init_sec:.3f}s (device {device})", "INIT")
-            gpu = bench.gpu = GpuMonitor(device)
+            gpu = bench.gpu = GpuMonitor(device, match_by_memory=bench.mem_kind != "gpu_process_nvml")
             before = get_memory_usage(device, gpu)
             log(f"{label} baseline after runtime init: {fmt(headline_mb(before, bench.mem_kind), '.0f')} MB", "MEMORY")
             download_sec, downloaded = timed_phase(progress, "download", device, bench.download)
@@ -4130,7 +4164,8 @@ def benchmark_model(job: WorkerJob, progress: ModelProgress) -> dict:
         "mem_kind": bench.mem_kind,
         "mem_before_mb": headline_mb(before, bench.mem_kind),
         "mem_after_load_mb": headline_mb(after_load, bench.mem_kind),
-        "mem_peak_mb": max((r["peak_mb"] for r in runs if r["peak_mb"] is not None), default=None),
+        "mem_peak_mb": (mem_peak_mb := max((r["peak_mb"] for r in runs if r["peak_mb"] is not None), default=None)),
+        "mem_note": nvml_memory_note(bench.mem_kind, gpu.status, mem_peak_mb),
         "mem_after_cleanup_mb": headline_mb(after_cleanup, bench.mem_kind),
         "mem_not_returned_mb": mb_delta(after_cleanup, before, bench.mem_kind),
         **snapshot_fields("before", before),

@@ -44,7 +44,7 @@ def test_onnxruntime_runs_on_the_rows_device_with_the_right_providers(tmp_path):
     (as torch's, under CUDA_VISIBLE_DEVICES too); TensorRT is first, CUDA behind it, the CPU last."""
     assert ub.ort_providers("onnxruntime", torch.device("cpu"), None) == [("CPUExecutionProvider", {})]
     assert ub.ort_providers("onnxruntime", torch.device("cuda", 1), None) == [
-        ("CUDAExecutionProvider", {"device_id": "1"}), ("CPUExecutionProvider", {})]
+        ("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "1"}), ("CPUExecutionProvider", {})]
     trt = ub.ort_providers("tensorrt", torch.device("cuda", 0), tmp_path)
     assert [name for name, _ in trt] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert trt[0][1]["device_id"] == "0" and trt[0][1]["trt_engine_cache_path"] == str(tmp_path)
@@ -76,6 +76,24 @@ def test_nodes_left_on_the_cpu_are_counted_when_a_gpu_provider_was_asked_for():
     assert cpu["runtime_cpu_nodes"] is None and cpu["runtime_nodes_by_provider"] == {"CPUExecutionProvider": 2}
 
 
+def test_runtimes_on_cuda_are_labelled_and_judged_as_tf32():
+    """ONNX Runtime's CUDA provider (use_tf32, its default) and TensorRT run float32 as TF32: the
+    MFU's peak is TF32's and the accuracy is judged by the reduced set; torch and the CPU as before."""
+    assert ub.runtime_tf32("onnxruntime", "cuda") == ub.runtime_tf32("tensorrt", "cuda") == {"conv": True, "matmul": True}
+    assert ub.runtime_tf32("torch", "cuda") is None and ub.runtime_tf32("onnxruntime", "cpu") is None
+    assert ub.parity_threshold_set(ub.RunOptions(backend="onnxruntime"), "cuda") == "reduced"
+    assert ub.parity_threshold_set(ub.RunOptions(backend="onnxruntime"), "cpu") == "fp32"
+    assert ub.parity_threshold_set(ub.RunOptions(compile="default"), "cuda") == "fp32"
+    assert ub.class_precisions("cuda", "fp32", ub.runtime_tf32("tensorrt", "cuda")) == {"conv": "tf32", "matmul": "tf32"}
+
+
+def test_a_missing_nvml_figure_says_why():
+    assert ub.nvml_memory_note("gpu_process_nvml", "ok", 812.0) is None
+    assert ub.nvml_memory_note("cuda_allocated", "n/a: not installed", None) is None  # not NVML's figure
+    assert ub.nvml_memory_note("gpu_process_nvml", "n/a: ModuleNotFoundError", None).endswith("n/a: ModuleNotFoundError")
+    assert "cannot be told apart" in ub.nvml_memory_note("gpu_process_nvml", "ok", None)
+
+
 def test_tensorrt_engines_are_kept_per_export_and_gpu(tmp_path):
     facts = {"onnxruntime": "1.32.0", "tensorrt": "10.9", "gpu": "NVIDIA H200", "capability": "9.0"}
     export = str(tmp_path / "exports" / "YOLO11nDetectBenchmark-0123456789abcdef" / "model.onnx")
@@ -84,11 +102,15 @@ def test_tensorrt_engines_are_kept_per_export_and_gpu(tmp_path):
     assert ub.engine_folder(tmp_path / "engines", export, facts) == folder
     for change in ({"gpu": "NVIDIA L4"}, {"capability": "8.9"}, {"onnxruntime": "1.33.0"}, {"tensorrt": "10.10"}):
         assert ub.engine_folder(tmp_path / "engines", export, {**facts, **change}) != folder, change
-    assert ub.engine_cache_hit({"a.engine", "a.profile"}, {"a.engine", "a.profile"})
-    assert not ub.engine_cache_hit(set(), {"a.engine"}) and not ub.engine_cache_hit({"a.engine"}, {"a.engine", "b.engine"})
+    engines = {"a.engine": (900, 1), "a.profile": (40, 1)}
+    assert ub.engine_cache_hit(engines, dict(engines))
+    assert not ub.engine_cache_hit({}, {"a.engine": (900, 1)})
+    assert not ub.engine_cache_hit(engines, {**engines, "b.engine": (700, 2)})  # a new shape's engine
+    assert not ub.engine_cache_hit(engines, {**engines, "a.engine": (900, 2)})  # rebuilt in place, same name
     (tmp_path / "engines" / "x" / "sub").mkdir(parents=True)
-    (tmp_path / "engines" / "x" / "sub" / "e.engine").write_bytes(b"1")
-    assert ub.folder_files(tmp_path / "engines" / "x") == {"sub/e.engine"} and ub.folder_files(None) == set()
+    (tmp_path / "engines" / "x" / "sub" / "e.engine").write_bytes(b"12")
+    (found,) = ub.folder_files(tmp_path / "engines" / "x").items()
+    assert found[0] == "sub/e.engine" and found[1][0] == 2 and ub.folder_files(None) == {}
 
 
 def test_a_node_reports_the_backends_it_cannot_run(tmp_path):

@@ -169,7 +169,7 @@ def test_table_rows_render_with_missing_figures():
 
 def test_parts_fit_the_budget_and_parse(tmp_path):
     parts = cc.plan_parts(cc.DEFAULT_BF16_MODELS)
-    assert [p.name for p in parts] == ["dissect", "fp16-compile", "fp32", "planted", "bf16", "onnxruntime"]
+    assert [p.name for p in parts] == ["dissect", "fp16-compile", "fp32", "onnxruntime", "planted", "bf16"]
     for part in parts:
         if part.name != "planted":
             args = cc.ub.build_parser().parse_args(cc.program_command(part, tmp_path, part.budget_sec)[2:])
@@ -183,19 +183,23 @@ def ort_row(**changes) -> dict:
     """A plausible onnxruntime row on CUDA beside its torch row."""
     row = {"status": "ok", "device": "cuda:0", "runtime": "onnxruntime", "runtime_device": "CUDA:0", "parity": "ok",
            "mem_kind": "gpu_process_nvml", "warm_median_event_sec": None, "runtime_cpu_nodes": 12,
-           "runtime_settings": {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]},
-           "speedup_vs_baseline": 1.4, "mem_peak_mb": 900.0, "nvml": "ok"}
+           "runtime_settings": {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"], "io_binding": "cuda:0"},
+           "runtime_nodes_by_provider": {"CUDAExecutionProvider": 300, "CPUExecutionProvider": 12},
+           "speedup_vs_baseline": 1.4, "mem_peak_mb": 900.0, "mem_note": None, "nvml": "ok"}
     return {**row, **changes}
 
 
 def test_an_onnxruntime_row_on_cuda_is_judged_by_its_own_checks():
     assert cc.runtime_row_findings(ort_row()) == []
     fallen_back = cc.runtime_row_findings(ort_row(runtime_device="CPU", runtime_settings={"providers": ["CPUExecutionProvider"]}))
-    assert len(fails(fallen_back)) == 2 and any("lack CUDA's" in t for t in fails(fallen_back))
+    assert len(fails(fallen_back)) == 3 and any("lack CUDA's" in t for t in fails(fallen_back))
+    # CUDA's provider listed, every node on the CPU: a CPU row in disguise.
+    all_on_cpu = ort_row(runtime_nodes_by_provider={"CPUExecutionProvider": 312}, runtime_cpu_nodes=312)
+    assert any("no node on CUDAExecutionProvider" in t for t in fails(cc.runtime_row_findings(all_on_cpu)))
     assert any("runtime_cpu_nodes" in t for t in fails(cc.runtime_row_findings(ort_row(runtime_cpu_nodes=None))))
     assert any("parity" in t for t in fails(cc.runtime_row_findings(ort_row(parity="failed"))))
-    assert levels(cc.runtime_row_findings(ort_row(mem_peak_mb=None, nvml="n/a: no driver"))) == ["SKIPPED"]
-    assert levels(cc.runtime_row_findings(ort_row(mem_peak_mb=None))) == ["FAIL"]  # NVML ok, no figure
+    assert levels(cc.runtime_row_findings(ort_row(mem_peak_mb=None, mem_note="no GPU memory figure: ..."))) == ["SKIPPED"]
+    assert levels(cc.runtime_row_findings(ort_row(mem_peak_mb=None))) == ["FAIL"]  # no figure, no reason
 
 
 def test_the_onnxruntime_part_is_skipped_without_onnxruntime_gpu():

@@ -228,13 +228,18 @@ def runtime_row_findings(row: dict) -> list[Finding]:
             found.append(fail(f"{key} is {row.get(key)!r}, not {want!r}"))
     if "CUDAExecutionProvider" not in (row.get("runtime_settings") or {}).get("providers", []):
         found.append(fail(f"providers {(row.get('runtime_settings') or {}).get('providers')!r} lack CUDA's"))
+    if (row.get("runtime_settings") or {}).get("io_binding") != "cuda:0":
+        found.append(fail(f"io_binding {(row.get('runtime_settings') or {}).get('io_binding')!r}, not 'cuda:0'"))
     if not isinstance(row.get("runtime_cpu_nodes"), int):
         found.append(fail(f"runtime_cpu_nodes is {row.get('runtime_cpu_nodes')!r}, not a count"))
+    on_gpu = (row.get("runtime_nodes_by_provider") or {}).get("CUDAExecutionProvider") or 0
+    if on_gpu <= 0:
+        found.append(fail(f"no node on CUDAExecutionProvider ({row.get('runtime_nodes_by_provider')!r})"))
     if not (isinstance(row.get("speedup_vs_baseline"), (int, float)) and row["speedup_vs_baseline"] > 0):
         found.append(fail(f"speedup_vs_baseline is {row.get('speedup_vs_baseline')!r}"))
     peak = row.get("mem_peak_mb")
-    if peak is None and str(row.get("nvml")).startswith("n/a"):
-        found.append(skipped(f"runtime memory: NVML {row.get('nvml')}"))
+    if peak is None and row.get("mem_note"):
+        found.append(skipped(f"runtime memory: {row['mem_note']}"))
     elif not (isinstance(peak, (int, float)) and peak > 0):
         found.append(fail(f"mem_peak_mb is {peak!r} with NVML {row.get('nvml')!r}"))
     return found
@@ -323,8 +328,8 @@ def table_row(part: str, row: dict, findings: list[Finding]) -> list[str]:
             fmt(row.get("mem_peak_mb"), ".0f"), fmt(row.get("mem_not_returned_mb"), "+.0f")]
 
 
-def placeholder_row(name: str, part: str, status: str) -> list[str]:
-    return [name, part, status, "1 FAIL"] + ["-"] * (len(HEADER) - 4)
+def placeholder_row(name: str, part: str, status: str, checks: str = "1 FAIL") -> list[str]:
+    return [name, part, status, checks] + ["-"] * (len(HEADER) - 4)
 
 
 def render_table(rows: list[list[str]]) -> str:
@@ -353,11 +358,11 @@ def plan_parts(bf16_models: str) -> list[Part]:
         Part("fp16-compile", ("--device", "cuda", "--no-dissect", "--dtype", "fp16", "--compile", "reduce-overhead"),
              150, 140, models=yolo),
         Part("fp32", ("--device", "cuda", "--no-dissect"), 190, 90, env={"CUDA_VISIBLE_DEVICES": "0"}),
+        Part("onnxruntime", ("--device", "cuda", "--no-dissect", "--backend", "torch,onnxruntime"), 80, 70,
+             models="yolo11n-detect,dav2-small"),  # skipped where onnxruntime has no CUDA provider
         Part("planted", (), 40),  # in-process, in a subprocess of this script: not a program run
         Part("bf16", ("--device", "cuda:0", "--no-dissect", "--dtype", "bf16", "--runs", "2", "--isolation", "none"),
              50, 40, models=None if bf16_models == "all" else bf16_models),
-        Part("onnxruntime", ("--device", "cuda", "--no-dissect", "--backend", "torch,onnxruntime"), 80, 70,
-             models="yolo11n-detect,dav2-small"),  # skipped where onnxruntime has no CUDA provider
     ]
 
 
@@ -566,7 +571,7 @@ def run_all(args: argparse.Namespace, ctx: dict, outcome: Outcome) -> None:
                 run_planted(timeout, outcome)
             elif part.name == "onnxruntime" and (why := onnxruntime_skip(ort_providers())):
                 outcome.add(f"part {part.name}", [skipped(why)])
-                outcome.table.append(placeholder_row("(part onnxruntime)", part.name, "skipped"))
+                outcome.table.append(placeholder_row("(part onnxruntime)", part.name, "skipped", "1 SKIPPED"))
             else:
                 report, problem = run_part(part, args.out / part.name, timeout)
                 judge_part(part, report, problem, ctx, outcome)
