@@ -2777,6 +2777,9 @@ BACKEND_PACKAGES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx",
 ONNX_EXPORTERS = {"torchscript": 17, "dynamo": 18}
 ONNX_OPSET = ONNX_EXPORTERS["torchscript"]  # LayerNormalization is an operator from 17 on
 EXPORTS_DIR_NAME = "exports"   # under the models folder: one folder per export key
+ENGINES_DIR_NAME = "engines"   # under the models folder: TensorRT engines and timing caches, one folder per key
+CPU_PROVIDER = "CPUExecutionProvider"
+GPU_PROVIDERS = {"onnxruntime": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}  # on CUDA
 EXPORT_FILE_NAME = "model.onnx"
 EXPORT_META_NAME = "export.json"
 
@@ -3021,11 +3024,6 @@ def write_onnx(graph: FlatForward, tensors: tuple[torch.Tensor, ...], folder: Pa
             torch.onnx.export(graph, tensors, path, dynamo=True, opset_version=ONNX_EXPORTERS["dynamo"],
                               input_names=names, dynamic_axes=dynamic)
         return "dynamo", failed + ": the dynamo exporter was used"
-
-
-CPU_PROVIDER = "CPUExecutionProvider"
-GPU_PROVIDERS = {"onnxruntime": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}  # on CUDA
-ENGINES_DIR_NAME = "engines"  # under the models folder: TensorRT engines and timing caches, one folder per key
 
 
 def ort_providers(backend: str, device: torch.device, engine_dir: Path | None) -> list[tuple[str, dict]]:
