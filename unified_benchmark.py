@@ -23,8 +23,7 @@ Sections, in dependency order:
     Layer dissection          hooks on every leaf, pictures and arrays, per-layer times
     The base class            ModelBenchmark: everything the models share
     The eight models          one subclass each, MODEL_REGISTRY, what each needs (preflight)
-    Runtimes                  --backend: the forward exported to ONNX (cached), ONNX Runtime (CPU, CUDA,
-                              TensorRT), OpenVINO; node placement, engine cache
+    Runtimes                  --backend: the ONNX export (cached), ONNX Runtime (CPU, CUDA, TensorRT), OpenVINO
     Accuracy cost             every variant against the fp32 eager reference, the first layer that drifts
     One model's benchmark     the phases of one model, run inside its worker
     Progress journal          each finished row fsync'd at once; a dead run's rows read back
