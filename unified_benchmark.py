@@ -2856,6 +2856,11 @@ def backend_preflight(backends: list[str], device_type: str) -> list[str]:
     return problems
 
 
+def preflight_error(where: str, problems: list[str]) -> UsageError:
+    """Exit 2 with every problem the preflight found, one a line, so that one pass fixes them all."""
+    return UsageError(f"preflight {where} found {len(problems)} problem(s); nothing was run:\n  - " + "\n  - ".join(problems))
+
+
 def output_skeleton(value: Any, leaves: list[torch.Tensor]) -> Any:
     """A model's outputs as JSON, each tensor replaced by its place in leaves (the exported
     graph's outputs, in order); rebuild_outputs() puts a runtime's tensors back in its place."""
@@ -3999,16 +4004,27 @@ def runtime_phases(bench: ModelBenchmark, job: WorkerJob, image: Image.Image, pr
             "dissect_note": f"on the PyTorch module: {backend} runs the exported graph, which has no per-layer outputs"}
 
 
+def node_placement_text(info: dict) -> tuple[str | None, str | None]:
+    """('363 on CPUExecutionProvider', '12 node(s) (Shape x8, Gather x4)' or None): where ONNX
+    Runtime placed the graph's nodes and, on a GPU, those left on the CPU with their commonest ops."""
+    placed = info.get("runtime_nodes_by_provider")
+    if not placed:
+        return None, None
+    text = ", ".join(f"{count} on {provider}" for provider, count in placed.items())
+    if not info.get("runtime_cpu_nodes"):
+        return text, None
+    ops = ", ".join(f"{op} x{n}" for op, n in list(info["runtime_cpu_node_ops"].items())[:6])
+    return text, f"{info['runtime_cpu_nodes']} node(s) ({ops})"
+
+
 def log_node_placement(name: str, info: dict) -> None:
     """Where ONNX Runtime placed the graph's nodes; a warning for nodes a GPU row runs on the CPU."""
-    if info.get("runtime_nodes_by_provider") is None:
-        return
-    placed = ", ".join(f"{count} on {provider}" for provider, count in info["runtime_nodes_by_provider"].items())
-    log(f"{name}: nodes placed: {placed}", "LOAD")
-    if info["runtime_cpu_nodes"]:
-        ops = ", ".join(f"{op} x{n}" for op, n in list(info["runtime_cpu_node_ops"].items())[:8])
-        log(f"{name}: {info['runtime_cpu_nodes']} node(s) run on the CPU though a GPU provider was asked for ({ops}): "
-            f"their time, and the copies to and from them, are in this row's figures", "WARNING")
+    placed, on_cpu = node_placement_text(info)
+    if placed:
+        log(f"{name}: nodes placed: {placed}", "LOAD")
+    if on_cpu:
+        log(f"{name}: {on_cpu} run on the CPU though a GPU provider was asked for: their time, and the copies "
+            f"to and from them, are in this row's figures", "WARNING")
 
 
 def engine_dir_for(device: torch.device, models_dir: Path, export_path: str) -> Path:
@@ -5743,15 +5759,9 @@ def runtime_markdown(ok: list[dict]) -> list[str]:
 
 
 def placement_text(row: dict) -> str:
-    """'363 on CPUExecutionProvider', with the nodes a GPU row left on the CPU and their ops."""
-    placed = row.get("runtime_nodes_by_provider")
-    if not placed:
-        return "n/a"
-    text = ", ".join(f"{n} on {provider}" for provider, n in placed.items())
-    if row.get("runtime_cpu_nodes"):
-        ops = ", ".join(f"{op} x{n}" for op, n in list(row["runtime_cpu_node_ops"].items())[:5])
-        text += f"; **{row['runtime_cpu_nodes']} left on the CPU** ({ops})"
-    return text
+    """The Runtime block's Nodes cell: node_placement_text, the nodes left on the CPU in bold."""
+    placed, on_cpu = node_placement_text(row)
+    return (placed or "n/a") + (f"; **left on the CPU: {on_cpu}**" if on_cpu else "")
 
 
 def backends_markdown(ok: list[dict], backends: list[str]) -> list[str]:
@@ -7257,8 +7267,7 @@ class RayFleet:
                 else:
                     problems += [f"{node.where}: {name}: {p}" for p in found]
         if problems:
-            raise UsageError(f"preflight on the cluster found {len(problems)} problem(s); nothing was run:\n  - "
-                             + "\n  - ".join(problems))
+            raise preflight_error("on the cluster", problems)
         log(f"Preflight passed on {len(nodes)} node(s)", "RAY")
 
     def shared_output(self, nodes: list[FleetNode]) -> bool:
@@ -7760,7 +7769,7 @@ def run_options(args: argparse.Namespace, device: torch.device, on_ray: bool = F
     if not on_ray:
         options.check(device, UsageError, args.backend)
     if not on_ray and (problems := backend_preflight(args.backend, device.type)):
-        raise UsageError(f"preflight: {problems[0]}; nothing was run")
+        raise preflight_error("on this machine", problems)
     return options
 
 

@@ -74,6 +74,11 @@ def test_nodes_left_on_the_cpu_are_counted_when_a_gpu_provider_was_asked_for():
     assert found["runtime_cpu_nodes"] == 3 and found["runtime_cpu_node_ops"] == {"Shape": 2, "Gather": 1}
     cpu = ub.node_placement([("CPUExecutionProvider", ["Conv", "Shape"])], "CPUExecutionProvider")
     assert cpu["runtime_cpu_nodes"] is None and cpu["runtime_nodes_by_provider"] == {"CPUExecutionProvider": 2}
+    # the log line and the report's Nodes cell say the same, from one place
+    assert ub.node_placement_text(found) == ("4 on CUDAExecutionProvider, 3 on CPUExecutionProvider",
+                                             "3 node(s) (Shape x2, Gather x1)")
+    assert ub.placement_text(found).endswith("; **left on the CPU: 3 node(s) (Shape x2, Gather x1)**")
+    assert ub.placement_text(cpu) == "2 on CPUExecutionProvider" and ub.placement_text({}) == "n/a"
 
 
 def test_runtimes_on_cuda_are_labelled_and_judged_as_tf32():
@@ -178,10 +183,14 @@ def test_outputs_rebuilt_from_the_skeleton_keep_their_structure():
 
 
 def test_a_missing_backend_package_is_exit_2_naming_it(tmp_path, capsys, one_image_dir, monkeypatch):
-    monkeypatch.setitem(sys.modules, "openvino", None)  # what Python does for a package it cannot import
-    code, text = run_main(capsys, *ORT[:-1], "openvino", "--models", "yolo11n-detect", "--images", one_image_dir,
-                          "--output-dir", tmp_path)
-    assert code == ub.EXIT_USAGE and "needs the Python package(s) openvino" in text and "pip install openvino" in text
+    """Every backend's missing package is named in the one message, so that one pass fixes them all."""
+    for name in ("openvino", "onnx"):
+        monkeypatch.setitem(sys.modules, name, None)  # what Python does for a package it cannot import
+    code, text = run_main(capsys, *ORT[:-1], "torch,openvino,onnxruntime", "--models", "yolo11n-detect",
+                          "--images", one_image_dir, "--output-dir", tmp_path)
+    assert code == ub.EXIT_USAGE and "found 2 problem(s)" in text, text
+    assert "--backend openvino needs the Python package(s) onnx, openvino" in text and "pip install onnx openvino" in text
+    assert "--backend onnxruntime needs the Python package(s) onnx" in text
     assert not list(tmp_path.rglob("benchmark_results_*.json"))  # nothing was run
 
 
