@@ -282,6 +282,24 @@ def network_allowed() -> bool:
 
 
 @contextlib.contextmanager
+def quiet_fds(*fds: int):
+    """The file descriptors (2: stderr, 1: stdout) to /dev/null for the span: what C++ code prints
+    past Python's sys.stdout and sys.stderr (Ray's client, a warning per refused attempt; the
+    TorchScript exporter, its whole graph on a failure), where one line of ours says what matters."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in fds}
+    try:
+        with open(os.devnull, "wb") as null:
+            for fd in fds:
+                os.dup2(null.fileno(), fd)
+        yield
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+@contextlib.contextmanager
 def termination_signals():
     """SIGTERM (a cron timeout) raises RunInterrupted so cleanup runs; restored afterwards."""
     if threading.current_thread() is not threading.main_thread():
@@ -3015,8 +3033,9 @@ def write_onnx(graph: FlatForward, tensors: tuple[torch.Tensor, ...], folder: Pa
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings: what they say is checked by the parity check
         try:
-            torch.onnx.export(graph, tensors, path, dynamo=False, opset_version=ONNX_EXPORTERS["torchscript"],
-                              input_names=names, dynamic_axes=dynamic, do_constant_folding=True)
+            with quiet_fds(1, 2):  # on a failure its C++ code prints the whole graph (thousands of lines)
+                torch.onnx.export(graph, tensors, path, dynamo=False, opset_version=ONNX_EXPORTERS["torchscript"],
+                                  input_names=names, dynamic_axes=dynamic, do_constant_folding=True)
             return "torchscript", None
         except Exception as e:  # noqa: BLE001 - any exporter failure: the other exporter may manage
             failed = f"the TorchScript exporter failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
@@ -6882,20 +6901,6 @@ def tcp_problem(host: str, port: int) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def quiet_stderr_fd():
-    """Ray's C++ client prints a warning per refused attempt on fd 2: our one line says it instead."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def set_ray_auth_mode(mode: str | None) -> None:
     """This process's Ray auth mode (RAY_AUTH_MODE; None: unset). Ray reads the variable when it is
     imported; its config is re-read as Ray's own token setup does (authentication_token_setup.py)."""
@@ -6919,7 +6924,7 @@ def gcs_answer(address: str) -> str:
     import ray
     from ray._raylet import GcsClient
 
-    with quiet_stderr_fd():
+    with quiet_fds(2):
         try:
             GcsClient(address=address)
             return "ok"

@@ -6,8 +6,9 @@ Per model, in this one process on bus.jpg, random weights, full-size architectur
 median of the forward on PyTorch eager, ONNX Runtime (CPU) and OpenVINO (CPU), the three
 interleaved round by round; each runtime's speed-up against eager, its export time and size
 (a fresh export, not the cache) and its parity verdict (check_parity, the code a run uses).
-Then YOLO11n on this program's ONNX Runtime row against Ultralytics' own ONNX export run
-through its predict() at the same 640x640 input (its speed['inference'], warm median).
+Then YOLO11n on this program's ONNX Runtime row against Ultralytics' own ONNX export of the
+same weights run through its predict() at the same 640x640 input (its speed['inference']),
+the two interleaved round by round, warm medians.
 Nothing else running.
 """
 
@@ -74,23 +75,27 @@ def one_model(short_name: str, rounds: int, image: Image.Image, exports: Path) -
     return lines
 
 
-def ultralytics_onnx(rounds: int, exports: Path) -> float:
-    """Ultralytics' own export of the random YOLO11n, run by its predict(): the warm median of
-    speed['inference'] in seconds (its ONNX Runtime session, 640x640 as this program feeds it)."""
+def against_ultralytics(rounds: int, image: Image.Image, exports: Path) -> tuple[float, float]:
+    """YOLO11n on this program's ONNX Runtime row against Ultralytics' own ONNX export of the same
+    random weights run by its predict() (its speed['inference'], 640x640 as this program feeds it),
+    interleaved round by round: (ours, theirs), warm medians in seconds."""
     from ultralytics import YOLO
 
-    here = os.getcwd()
-    os.chdir(exports)  # Ultralytics writes its export beside the current folder's yolo11n.yaml
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            path = YOLO("yolo11n.yaml").export(format="onnx", imgsz=640, opset=ub.ONNX_OPSET, simplify=False,
-                                               dynamic=False, verbose=False)
-    finally:
-        os.chdir(here)
-    onnx_model = YOLO(str(Path(exports) / path) if not Path(path).is_absolute() else path, task="detect")
-    times = [onnx_model.predict(str(BUS), imgsz=640, verbose=False)[0].speed["inference"] / 1000
-             for _ in range(rounds + 1)][1:]
-    return statistics.median(times)
+    bench = build("yolo11n-detect", "onnxruntime")
+    with_runtime(bench, image, exports / "ours")
+    checkpoint = exports / "yolo11n-random.pt"
+    torch.save({"model": bench.model, "train_args": {}}, checkpoint)  # Ultralytics' checkpoint layout
+    with contextlib.redirect_stdout(io.StringIO()):
+        path = YOLO(str(checkpoint)).export(format="onnx", imgsz=640, opset=ub.ONNX_OPSET, simplify=False,
+                                            dynamic=False, verbose=False)
+    theirs = YOLO(str(path), task="detect")
+    bench.infer(image), theirs.predict(str(BUS), imgsz=640, verbose=False)  # the cold runs, not counted
+    ours_sec, theirs_sec = [], []
+    for _ in range(rounds):
+        ours_sec.append(bench.infer(image)["inference_sec"])
+        theirs_sec.append(theirs.predict(str(BUS), imgsz=640, verbose=False)[0].speed["inference"] / 1000)
+    bench.cleanup()
+    return statistics.median(ours_sec), statistics.median(theirs_sec)
 
 
 def main() -> int:
@@ -111,10 +116,10 @@ def main() -> int:
         for row in [header] + rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
         if "yolo11n-detect" in args.models.split(","):
-            ours = float(next(r for r in rows if r[0] == "yolo11n-detect" and r[1] == "onnxruntime")[2]) / 1000
-            theirs = ultralytics_onnx(args.rounds, Path(tmp))
-            print(f"YOLO11n 640x640 on ONNX Runtime: this program {ours * 1000:.1f} ms, Ultralytics' export through "
-                  f"predict() {theirs * 1000:.1f} ms: ratio {ours / theirs:.2f}")
+            ours, theirs = against_ultralytics(args.rounds, image, Path(tmp))
+            print(f"YOLO11n 640x640 on ONNX Runtime, the same weights, {args.rounds} interleaved rounds: this program "
+                  f"{ours * 1000:.1f} ms, Ultralytics' export through predict() {theirs * 1000:.1f} ms: "
+                  f"ratio {ours / theirs:.2f}")
     return 0
 
 
