@@ -1,6 +1,6 @@
 """Benchmark script (prints figures; not a test): a model past 2 GB on ONNX Runtime, as a user runs it.
 
-    python tests/perf/large_export.py [--model depthpro] [--again] [--keep DIR]
+    python tests/perf/large_export.py [--model depthpro] [--runs 1] [--again] [--keep DIR]
 
 DepthPro at full size (random weights, about 952M parameters, 3.6 GiB in float32) is past
 protobuf's 2 GB limit, so its export takes the exporter's external-data path. This runs the
@@ -28,11 +28,11 @@ FIELDS = ["status", "export_exporter", "export_cached", "export_mb", "export_sec
           "torch_load_sec", "cold_inference_sec", "warm_median_sec", "parity", "parity_rel_l2_max", "runtime_settings"]
 
 
-def run_once(model: str, work: Path, label: str) -> dict:
+def run_once(model: str, runs: int, work: Path, label: str) -> dict:
     """One run of the program's command line; its row, the export folder's file count and the run's time."""
     out = work / f"out-{label}"
     command = [sys.executable, str(REPO / "unified_benchmark.py"), "--models", model, "--weights", "random",
-               "--backend", "onnxruntime", "--runs", "1", "--no-dissect", "--images", str(work / "images"),
+               "--backend", "onnxruntime", "--runs", str(runs), "--no-dissect", "--images", str(work / "images"),
                "--output-dir", str(out), "--models-dir", str(work / "models")]
     env = {k: v for k, v in os.environ.items() if k != "VISION_BENCH_REDUCED_CONFIG"}  # the real size
     start = time.perf_counter()
@@ -42,14 +42,16 @@ def run_once(model: str, work: Path, label: str) -> dict:
         sys.exit(f"the run exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
     (report,) = sorted((out / "results").glob("benchmark_results_*.json"))
     (row,) = json.loads(report.read_text(encoding="utf-8"))["results"]
-    folder = Path(row["export_path"]).parent
-    return {"row": row, "files": len(list(folder.iterdir())), "wall_sec": wall_sec,
-            "onnx_mb": Path(row["export_path"]).stat().st_size / 1024**2}
+    model_file = Path(row["export_path"])
+    data = [p for p in model_file.parent.iterdir() if p.name not in (model_file.name, "export.json")]
+    return {"row": row, "data_files": len(data), "data_mb": sum(p.stat().st_size for p in data) / 1024**2,
+            "wall_sec": wall_sec, "onnx_mb": model_file.stat().st_size / 1024**2}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="depthpro")
+    parser.add_argument("--runs", type=int, default=1, help="--runs of the program (1: the cold run alone)")
     parser.add_argument("--again", action="store_true", help="a second run: the export from the cache")
     parser.add_argument("--keep", type=Path, help="work in DIR and keep it (default: a temporary folder)")
     args = parser.parse_args()
@@ -59,9 +61,9 @@ def main() -> int:
 
     shutil.copy(Path(ASSETS) / "bus.jpg", work / "images" / "bus.jpg")
     try:
-        runs = [run_once(args.model, work, "first")]
+        runs = [run_once(args.model, args.runs, work, "first")]
         if args.again:
-            runs.append(run_once(args.model, work, "again"))
+            runs.append(run_once(args.model, args.runs, work, "again"))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -69,7 +71,8 @@ def main() -> int:
     for label, run in zip(("first run", "second run"), runs):
         row = run["row"]
         print(f"{args.model} on ONNX Runtime, {label}: {run['wall_sec']:.0f} s for the whole run")
-        print(f"  export folder: {run['files']} files, model.onnx {run['onnx_mb']:.1f} MB, the rest external data")
+        print(f"  export folder: model.onnx {run['onnx_mb']:.1f} MB, {run['data_files']} external data file(s) "
+              f"{run['data_mb']:.1f} MB")
         for field in FIELDS:
             print(f"  {field}: {row.get(field)}")
     print(f"peak RSS of the largest process: {peak_rss_mb:.0f} MB")
