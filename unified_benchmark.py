@@ -281,22 +281,33 @@ def network_allowed() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False")
 
 
+def flush_streams() -> None:
+    """Python's buffered console output out to its file descriptors (a stream may be None or closed)."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
 @contextlib.contextmanager
 def quiet_fds(*fds: int):
-    """The file descriptors (2: stderr, 1: stdout) to /dev/null for the span: what C++ code prints
-    past Python's sys.stdout and sys.stderr (Ray's client, a warning per refused attempt; the
-    TorchScript exporter, its whole graph on a failure), where one line of ours says what matters."""
-    sys.stdout.flush(), sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in fds}
+    """The file descriptors (1: stdout, 2: stderr) to /dev/null for the span: what C++ code prints
+    past Python's streams (Ray's client, a warning per refused attempt, on fd 2; the TorchScript
+    exporter, its whole graph on a failure, on fd 1), where one line of ours says what matters.
+    What Python printed in the span is quiet too; every descriptor is restored whatever happens."""
+    flush_streams()
+    saved: dict[int, int] = {}
     try:
         with open(os.devnull, "wb") as null:
             for fd in fds:
+                saved[fd] = os.dup(fd)
                 os.dup2(null.fileno(), fd)
         yield
     finally:
-        for fd, copy in saved.items():
-            os.dup2(copy, fd)
-            os.close(copy)
+        flush_streams()
+        with contextlib.ExitStack() as restore:  # each one restored and closed, even if another fails
+            for fd, copy in saved.items():
+                restore.callback(os.close, copy)
+                restore.callback(os.dup2, copy, fd)
 
 
 @contextlib.contextmanager
@@ -3032,15 +3043,15 @@ def write_onnx(graph: FlatForward, tensors: tuple[torch.Tensor, ...], folder: Pa
     path = str(folder / EXPORT_FILE_NAME)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings: what they say is checked by the parity check
-        try:
-            with quiet_fds(1, 2):  # on a failure its C++ code prints the whole graph (thousands of lines)
+        with quiet_fds(1):  # on a failure its C++ log prints the whole graph on stdout (thousands of lines)
+            try:
                 torch.onnx.export(graph, tensors, path, dynamo=False, opset_version=ONNX_EXPORTERS["torchscript"],
                                   input_names=names, dynamic_axes=dynamic, do_constant_folding=True)
-            return "torchscript", None
-        except Exception as e:  # noqa: BLE001 - any exporter failure: the other exporter may manage
-            failed = f"the TorchScript exporter failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
-            if not module_available("onnxscript"):
-                raise BenchError(f"{failed}, and the dynamo exporter needs onnxscript: pip install onnxscript") from None
+                return "torchscript", None
+            except Exception as e:  # noqa: BLE001 - any exporter failure: the other exporter may manage
+                failed = f"the TorchScript exporter failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+        if not module_available("onnxscript"):
+            raise BenchError(f"{failed}, and the dynamo exporter needs onnxscript: pip install onnxscript") from None
         for leftover in folder.iterdir():
             leftover.unlink()
         with contextlib.redirect_stdout(io.StringIO()):  # its progress lines are not this program's console
@@ -8111,9 +8122,7 @@ def exit_at_once(code: int) -> None:
     """End a worker or builder process once its work is on the pipe or on disk: output flushed,
     without the interpreter's teardown of torch and the model libraries (about a second, during
     which the runner would wait before the next model)."""
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    flush_streams()
     os._exit(code)
 
 

@@ -1,6 +1,7 @@
 """--backend: the forward exported to ONNX, run by ONNX Runtime and OpenVINO, with its accuracy cost."""
 
 import json
+import os
 import re
 import sqlite3
 import sys
@@ -64,6 +65,19 @@ def test_a_gpu_provider_this_onnxruntime_lacks_is_a_preflight_problem():
     assert "TensorrtExecutionProvider" in ub.provider_problem("tensorrt", "cuda", gpu_wheel)
     assert ub.provider_fallback_problem("CUDAExecutionProvider", gpu_wheel) is None
     assert "every node would run on the CPU" in ub.provider_fallback_problem("CUDAExecutionProvider", here)
+
+
+def test_what_cpp_code_prints_is_kept_off_the_console_and_the_descriptors_come_back(capfd):
+    """quiet_fds: what C++ code writes on fd 1 (the TorchScript exporter's graph dump) or fd 2
+    (Ray's client) is dropped for the span; the descriptors are restored, an exception or not."""
+    with pytest.raises(RuntimeError):
+        with ub.quiet_fds(1, 2):
+            os.write(1, b"graph dump\n"), os.write(2, b"client warning\n")
+            raise RuntimeError("inside the span")
+    os.write(1, b"after on 1\n"), os.write(2, b"after on 2\n")
+    captured = capfd.readouterr()
+    assert "graph dump" not in captured.out and "client warning" not in captured.err
+    assert "after on 1" in captured.out and "after on 2" in captured.err
 
 
 def test_nodes_left_on_the_cpu_are_counted_when_a_gpu_provider_was_asked_for():
