@@ -69,7 +69,7 @@ def test_bf16_channels_last_fuse_threads_on_yolo_recorded_everywhere(tmp_path, o
 def test_bf16_on_a_transformers_model(tmp_path, one_image_dir, capsys):
     """DA-V2 Small (reduced configuration) under bf16 autocast: outputs reach the depth
     postprocessing as float32, attention is counted (CPU flash attention has a formula)."""
-    code, out = run_main(capsys, "--weights", "random", "--models", "dav2-small", "--runs", "2", "--no-history",
+    code, out = run_main(capsys, "--weights", "random", "--models", "dav2-small", "--runs", "1", "--no-history",
                          "--images", one_image_dir, "--output-dir", tmp_path, "--dtype", "bf16")
     assert code == 0, out
     row = load_report(tmp_path)["results"][0]
